@@ -1,0 +1,102 @@
+"""Image reading and atomic writing at the edges; everything else works on arrays."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .errors import BloodcellsError, disk_errors
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except FileNotFoundError:
+        raise BloodcellsError(f"{path}: no such file; check the path") from None
+    except OSError as e:
+        raise BloodcellsError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from None
+    img = cv2.imdecode(data, flags) if data.size else None
+    if img is None:
+        raise BloodcellsError(f"{path}: not a readable image (corrupt or unsupported format); replace or remove it")
+    return img
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read any image as uint8 RGB (H, W, 3)."""
+    img = _decode(Path(path), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Read an image as one uint8 channel (H, W), as stored (no colour mixing for masks)."""
+    img = _decode(Path(path), cv2.IMREAD_UNCHANGED)
+    if img.ndim == 3:
+        img = img[..., :3].max(axis=2)
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return img
+
+
+def read_rgba(path: str | Path) -> np.ndarray:
+    """Read an RGBA PNG as uint8 (H, W, 4)."""
+    img = _decode(Path(path), cv2.IMREAD_UNCHANGED)
+    if img.ndim != 3 or img.shape[2] != 4:
+        raise BloodcellsError(f"{path}: expected an RGBA sprite PNG; re-import the bank")
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+
+
+def encode_png(arr: np.ndarray, level: int = 1) -> bytes:
+    """PNG bytes of a uint8 gray, RGB or RGBA array; deterministic for equal input."""
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr), [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise BloodcellsError("could not encode a PNG image")
+    return buf.tobytes()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a file so that it either exists whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def write_png(path: str | Path, arr: np.ndarray, level: int = 1) -> None:
+    write_bytes_atomic(path, encode_png(arr, level))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BloodcellsError(f"{path}: not found; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BloodcellsError(f"{path}: not valid JSON ({e}); delete it and re-create it") from None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in a folder, sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,0 +1,43 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    """The real third-party datasets; skipped when absent (CI sets BLOODCELLS_DATA and requires them)."""
+    path = Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets"))
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"BLOODCELLS_DATA={path} is missing in CI")
+        pytest.skip(f"real datasets not found at {path}")
+    return path
+
+
+REAL_SOURCES = [
+    # (importer, folder under the datasets root, extra arguments)
+    ("kaggle", "kaggle_malaria/cell_images", {}),
+    ("masked", "wbc_tecom/Dataset 1", {"labels": "wbc_tecom/Class Labels of Dataset 1.csv"}),
+    ("crops", "pbc/PBC_dataset_normal_DIB", {}),
+    ("crops", "lisc_crops/data2", {}),
+    ("mamic", "bccd/BCCD", {"wbc_labels": "bccd/wbc_subtype_labels_mooney.csv"}),
+]
+
+
+@pytest.fixture(scope="session")
+def real_bank(datasets, tmp_path_factory):
+    """A sprite bank cut from every real source once per test session (about a minute on 2 cores)."""
+    from composer.aliases import AliasTable
+    from composer.bank import SpriteBank
+    from composer.sources import list_items
+
+    bank = SpriteBank(tmp_path_factory.mktemp("real") / "sprites")
+    summaries = []
+    for kind, folder, extra in REAL_SOURCES:
+        kw = {k: datasets / v for k, v in extra.items()}
+        items = list_items(kind, datasets / folder, AliasTable(), **kw)
+        summaries.append(bank.import_items(items, f"{kind}:{Path(folder).name}", workers=2, progress=False))
+    return bank, summaries
