@@ -1,0 +1,258 @@
+"""Sprite bank: real imports of every source kind, layouts on made-up fixtures, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bloodcells.errors import BloodcellsError
+from composer.aliases import AliasTable
+from composer.bank import SpriteBank, assign_split, parse_fractions
+from composer.sources import list_items
+
+ROOT = Path(__file__).resolve().parents[1]
+WBC = {"eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte"}
+
+
+# ---- the real bank (built once; the composer tests reuse it) ------------------------------
+
+def test_real_bank_has_every_cell_class(real_bank):
+    bank, summaries = real_bank
+    recs = bank.records()
+    classes = {r["class"] for r in recs}
+    assert classes == {"eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte", "thrombocyte",
+                       "infected_rbc", "healthy_rbc"}
+    train = Counter(r["class"] for r in recs if r["split"] == "train")
+    for cls in classes - {"basophil"}:
+        assert train[cls] >= 20, (cls, train[cls])
+    assert train["basophil"] >= 1
+    # every importer contributed
+    assert {r["source"].split(":")[0] for r in recs} == {"kaggle", "masked", "crops", "mamic"}
+
+
+def test_real_masks_have_plausible_coverage(real_bank):
+    bank, _ = real_bank
+    recs = bank.records()
+    rng = np.random.default_rng(0)
+    by_cls: dict[str, list[float]] = {}
+    for i in rng.choice(len(recs), size=400, replace=False):
+        r = recs[i]
+        a = cv2.imread(str(bank.root / r["path"]), cv2.IMREAD_UNCHANGED)[..., 3]
+        by_cls.setdefault(r["class"], []).append(float((a > 127).mean()))
+    for cls, fr in by_cls.items():
+        med = float(np.median(fr))
+        # a round cell fills ~pi/4 of its bounding box; far less means a stray shape, more a box
+        assert 0.55 < med < 0.95, (cls, med)
+    diam = Counter()
+    for r in recs:
+        diam[r["class"]] = diam.get(r["class"], 0)
+    # native diameters: thrombocytes are the smallest cells of every source
+    med_d = {c: np.median([r["diameter"] for r in recs if r["class"] == c]) for c in {r["class"] for r in recs}}
+    assert med_d["thrombocyte"] < min(med_d[c] for c in WBC)
+
+
+def test_splits_are_per_source_image_and_stable(real_bank):
+    bank, _ = real_bank
+    for e in bank.entries():
+        assert e["split"] == assign_split(e["key"])
+    shares = Counter(e["split"] for e in bank.entries())
+    n = sum(shares.values())
+    assert abs(shares["train"] / n - 0.8) < 0.04 and abs(shares["test"] / n - 0.1) < 0.03
+
+
+def test_bccd_test_split_is_never_cut(real_bank, datasets):
+    bank, _ = real_bank
+    test = set((datasets / "bccd/BCCD/ImageSets/Main/test.txt").read_text().split())
+    cut = {Path(r["source_file"]).stem for r in bank.records() if r["source"].startswith("mamic")}
+    assert cut and not (cut & test)
+
+
+def test_reimport_adds_nothing(real_bank, datasets):
+    bank, _ = real_bank
+    before = bank.index_path.read_bytes()
+    items = list_items("kaggle", datasets / "kaggle_malaria/cell_images", AliasTable())
+    s = bank.import_items(items, "kaggle:cell_images", workers=1, progress=False)
+    assert s.already == len(items) and not s.accepted
+    assert bank.index_path.read_bytes() == before
+
+
+# ---- layouts on fixtures the tests make ----------------------------------------------------
+
+def _cell_image(rng, size=96, r=28, colour=(120, 40, 160)) -> tuple[np.ndarray, np.ndarray]:
+    """A light smear patch with one stained round cell; returns (rgb, mask 0/255)."""
+    img = np.full((size, size, 3), (235, 220, 205), np.uint8)
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    c = (size // 2 + int(rng.integers(-4, 5)), size // 2 + int(rng.integers(-4, 5)))
+    cv2.circle(mask, c, r, 255, -1)
+    img[mask > 0] = colour
+    return img, mask
+
+
+def _write(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), arr[..., ::-1] if arr.ndim == 3 else arr)
+
+
+def test_lisc_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "LISC"
+    for cls in ("Baso", "neut", "mixt"):
+        for i in range(3):
+            img, mask = _cell_image(rng)
+            _write(root / "Main Dataset" / cls / f"{i}.bmp", img)
+            _write(root / "Ground Truth Segmentation" / cls / "areaforexpert1" / f"{i}_expert.bmp", mask)
+    bank = SpriteBank(tmp_path / "bank")
+    s = bank.import_items(list_items("lisc", root, AliasTable()), "lisc:LISC", workers=1, progress=False)
+    assert s.accepted == Counter({"basophil": 3, "neutrophil": 3})
+    assert s.rejected["not a single cell type ('mixt')"] == 3
+    for r in bank.records():
+        assert r["mask"] == "given"
+        assert abs(r["diameter"] - 57) < 3  # the given circle of radius 28
+
+
+def test_masked_layout_with_csv_and_bad_files(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "IUMC"
+    for i in range(1, 5):
+        img, mask = _cell_image(rng)
+        _write(root / f"{i:03d}.bmp", img)
+        _write(root / f"{i:03d}.png", mask)
+    _write(root / "004.png", np.zeros((50, 50), np.uint8))  # mask of the wrong size
+    (root / "005.bmp").write_bytes(b"not an image")  # corrupt image
+    _write(root / "005.png", np.zeros((96, 96), np.uint8))
+    (tmp_path / "labels.csv").write_text("image ID,class label\n1,2\n2,Baso\n3,weird\n4,1\n5,1\n")
+    items = list_items("masked", root, AliasTable(), labels=tmp_path / "labels.csv")
+    bank = SpriteBank(tmp_path / "bank")
+    s = bank.import_items(items, "masked:IUMC", workers=1, progress=False)
+    assert s.accepted == Counter({"lymphocyte": 1, "basophil": 1})
+    assert s.rejected["mask size 50x50 differs from image 96x96"] == 1
+    assert s.rejected["unreadable image"] == 1
+    assert any(r.startswith("unknown class 'weird'") for r in s.rejected)
+
+
+def test_iumc_class_folders_and_alias_override(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "iumc"
+    for i in range(2):
+        img, mask = _cell_image(rng)
+        _write(root / "Seg" / f"c{i}.jpg", img)
+        _write(root / "Seg" / "masks" / f"c{i}.png", mask)
+    items = list_items("iumc", root, AliasTable(AliasTable.parse(["Seg=neutrophil"])))
+    s = SpriteBank(tmp_path / "b").import_items(items, "iumc", workers=1, progress=False)
+    assert s.accepted == Counter({"neutrophil": 2})
+    with pytest.raises(BloodcellsError, match="not a class"):
+        AliasTable(AliasTable.parse(["Seg=banana"]))
+
+
+def test_yolo_and_csv_boxes(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "smears"
+    img = np.full((200, 300, 3), (235, 220, 205), np.uint8)
+    for (x, y) in [(60, 60), (150, 100), (240, 140)]:
+        cv2.circle(img, (x, y), 22, (215, 160, 160), -1)
+    _write(root / "images" / "s1.png", img)
+    h, w = img.shape[:2]
+    lines = [f"0 {x / w} {y / h} {50 / w} {50 / h}" for (x, y) in [(60, 60), (150, 100), (240, 140)]]
+    (root / "labels").mkdir(parents=True)
+    (root / "labels" / "s1.txt").write_text("\n".join(lines))
+    (root / "classes.txt").write_text("RBC\n")
+    s = SpriteBank(tmp_path / "b").import_items(list_items("boxes", root, AliasTable()), "yolo", workers=1, progress=False)
+    assert s.accepted == Counter({"healthy_rbc": 3})
+    # the same cells from a CSV
+    csv_root = tmp_path / "csvsmears"
+    _write(csv_root / "s1.png", img)
+    (csv_root / "boxes.csv").write_text("image,xmin,ymin,xmax,ymax,label\n" +
+                                        "".join(f"s1.png,{x - 25},{y - 25},{x + 25},{y + 25},Uninfected\n"
+                                                for (x, y) in [(60, 60), (150, 100), (240, 140)]))
+    s2 = SpriteBank(tmp_path / "c").import_items(list_items("boxes", csv_root, AliasTable()), "csv", workers=1, progress=False)
+    assert s2.accepted == Counter({"healthy_rbc": 3})
+    d = [r["diameter"] for r in SpriteBank(tmp_path / "c").records()]
+    assert all(abs(x - 45) < 4 for x in d)
+
+
+def test_black_background_crops(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "cells"
+    for cls in ("Parasitized", "Uninfected"):
+        for i in range(3):
+            img = np.zeros((100, 100, 3), np.uint8)
+            cv2.circle(img, (50, 50), 40, (200, 150, 150), -1)
+            _write(root / cls / f"{i}.png", img)
+    bank = SpriteBank(tmp_path / "bank")
+    s = bank.import_items(list_items("kaggle", root, AliasTable()), "k", workers=1, progress=False)
+    assert s.accepted == Counter({"infected_rbc": 3, "healthy_rbc": 3})
+    assert all(abs(r["diameter"] - 81) < 3 for r in bank.records())
+
+
+def test_empty_and_missing_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BloodcellsError, match="no images in class folders"):
+        list_items("crops", tmp_path / "empty", AliasTable())
+    with pytest.raises(BloodcellsError, match="no such folder"):
+        list_items("kaggle", tmp_path / "nope", AliasTable())
+    with pytest.raises(BloodcellsError, match="unknown importer"):
+        list_items("zip", tmp_path / "empty", AliasTable())
+    (tmp_path / "empty" / "Weird").mkdir()
+    (tmp_path / "empty" / "Weird" / "a.png").write_bytes(b"junk")
+    with pytest.raises(BloodcellsError, match="nothing usable"):
+        SpriteBank(tmp_path / "b").import_items(list_items("crops", tmp_path / "empty", AliasTable()), "x",
+                                                workers=1, progress=False)
+
+
+def test_interrupted_import_resumes_consistently(tmp_path):
+    rng = np.random.default_rng(6)
+    root = tmp_path / "cells"
+    for i in range(6):
+        img = np.zeros((80, 80, 3), np.uint8)
+        cv2.circle(img, (40, 40), 30, (200, 150, 150), -1)
+        _write(root / "Uninfected" / f"{i}.png", img)
+    items = list_items("kaggle", root, AliasTable())
+    bank = SpriteBank(tmp_path / "bank")
+    bank.import_items(items[:4], "k", workers=1, progress=False)
+    # a crash mid-write: a torn last line, and an orphan PNG without its record
+    with open(bank.index_path, "ab") as f:
+        f.write(b'{"key": "cells/Uninfected/4.png", "spri')
+    assert len(bank.entries()) == 4
+    s = bank.import_items(items, "k", workers=1, progress=False)
+    assert s.already == 4 and sum(s.accepted.values()) == 2
+    assert len(bank.entries()) == 6 and len(bank.records()) == 6
+    assert all(line.strip() for line in bank.index_path.read_text().splitlines())
+    assert len({r["id"] for r in bank.records()}) == 6
+
+
+def test_fractions_and_split_hash():
+    assert parse_fractions("80/10/10") == (0.8, 0.1, 0.1)
+    with pytest.raises(BloodcellsError, match="--split"):
+        parse_fractions("80/20")
+    keys = [f"ds/img{i}.png" for i in range(3000)]
+    c = Counter(assign_split(k) for k in keys)
+    assert abs(c["train"] / 3000 - 0.8) < 0.03
+    # adding other sources never moves a key: the split depends on the key alone
+    assert [assign_split(k) for k in keys[:50]] == [assign_split(k) for k in keys[:50]]
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "import", "crops", str(tmp_path / "missing"),
+                        "--bank", str(tmp_path / "b")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "no such folder" in r.stderr
+
+
+def test_cli_stats_and_sheet(real_bank, tmp_path):
+    bank, _ = real_bank
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "stats", str(bank.root)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "healthy_rbc" in r.stdout and "reserved" in r.stdout
+    out = tmp_path / "sheet.png"
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "sheet", str(bank.root), "--out", str(out),
+                        "--per-class", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sheet = cv2.imread(str(out))
+    assert sheet.shape[0] >= 8 * 72  # a row per class present
