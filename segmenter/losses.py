@@ -1,0 +1,121 @@
+"""Segmentation losses on per-pixel logits: class-weighted cross-entropy, soft Dice, their sum."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bloodcells.errors import BloodcellsError
+
+Logits = torch.Tensor | Sequence[torch.Tensor]  # a list when a model is deep-supervised
+
+
+def class_weights_from_frequencies(freqs: Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c.
+
+    `freqs` are per-class pixel counts or fractions (the scale cancels). The median is
+    taken over the classes that occur; a class with zero frequency gets the largest
+    weight of the others, i.e. it is treated as at least as rare as the rarest class
+    seen, so its pixels still count fully if they appear at validation or test time.
+    """
+    f = torch.as_tensor(np.asarray(freqs, dtype=np.float64))
+    if f.dim() != 1 or f.numel() == 0:
+        raise BloodcellsError(f"class frequencies must be a non-empty 1-D list; got shape {tuple(f.shape)}")
+    if not torch.isfinite(f).all() or (f < 0).any():
+        raise BloodcellsError(f"class frequencies must be finite and >= 0; got {f.tolist()}")
+    present = f > 0
+    if not present.any():
+        raise BloodcellsError("all class frequencies are zero; the dataset has no labelled pixels")
+    # torch.median takes the lower middle value; numpy's mean-of-the-two-middles is the usual definition
+    median = float(np.median(f[present].numpy()))
+    weights = torch.zeros_like(f)
+    weights[present] = median / f[present]
+    weights[~present] = weights[present].max()
+    return weights.float()
+
+
+class SegmentationLoss(nn.Module):
+    """Base: a loss on (N, C, H, W) logits and (N, H, W) class indices; lists of logits are averaged."""
+
+    def forward(self, logits: Logits, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over deep-supervision outputs, or the loss of a single logit map."""
+        if isinstance(logits, torch.Tensor):
+            return self.loss(logits, target)
+        return torch.stack([self.loss(out, target) for out in logits]).mean()
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of one logit map; subclasses define it."""
+        raise NotImplementedError
+
+
+class WeightedCELoss(SegmentationLoss):
+    """Softmax cross-entropy with per-class weights, averaged over pixels.
+
+    Equals the original's per-pixel weight maps: each pixel's loss times the weight of
+    its true class, summed and divided by the number of pixels. (torch's own weighted
+    `cross_entropy` divides by the sum of the weights instead.)
+    """
+
+    def __init__(self, class_weights: Sequence[float] | torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", w)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Pixel-mean of weight[target] * -log softmax(logits)[target]."""
+        ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+        if self.class_weights is not None:
+            ce = ce * self.class_weights.to(ce.device)[target.long()]
+        return ce.mean()
+
+
+class DiceLoss(SegmentationLoss):
+    """Soft multi-class Dice loss on softmax probabilities: 1 - mean_c Dice_c.
+
+    Dice_c = (2 * sum p_c y_c + smooth) / (sum p_c + sum y_c + smooth), with sums over
+    the whole batch (all images, all pixels). Classes absent from the batch's target
+    are left out of the mean: their Dice would only reward predicting nothing, and
+    probability put on them already lowers the Dice of the classes that are present.
+    """
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.smooth = smooth
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - mean Dice over the classes present in target."""
+        num_classes = logits.shape[1]
+        probs = logits.float().softmax(dim=1)
+        onehot = F.one_hot(target.long(), num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        dims = (0, 2, 3)
+        intersection = (probs * onehot).sum(dims)
+        target_sum = onehot.sum(dims)
+        dice = (2 * intersection + self.smooth) / (probs.sum(dims) + target_sum + self.smooth)
+        present = target_sum > 0
+        return 1 - dice[present].mean()
+
+
+class CombinedLoss(SegmentationLoss):
+    """ce_weight * WeightedCELoss + dice_weight * DiceLoss."""
+
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0,
+                 class_weights: Sequence[float] | torch.Tensor | None = None, smooth: float = 1.0) -> None:
+        super().__init__()
+        if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
+            raise BloodcellsError(
+                f"loss weights must be >= 0 and not both 0; got ce_weight={ce_weight}, dice_weight={dice_weight}")
+        self.ce_weight, self.dice_weight = ce_weight, dice_weight
+        self.ce = WeightedCELoss(class_weights)
+        self.dice = DiceLoss(smooth)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the two losses (a zero weight skips its term)."""
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.ce_weight:
+            total = total + self.ce_weight * self.ce.loss(logits, target)
+        if self.dice_weight:
+            total = total + self.dice_weight * self.dice.loss(logits, target)
+        return total

@@ -1,0 +1,71 @@
+"""ResUNet (Zhang, Liu & Wang 2018, "Road extraction by deep residual U-Net")."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from bloodcells.classes import NUM_CLASSES
+from segmenter.models.blocks import UpCat, check_input, check_sizes, init_weights, widths
+
+
+class ResidualUnit(nn.Module):
+    """Pre-activation residual unit: (BN-ReLU-conv3x3) x2 plus a 1x1 conv + BN shortcut.
+
+    stride=2 in the first conv (and the shortcut) downsamples, replacing the U-Net's
+    max-pool. preactivate=False drops the leading BN-ReLU, as the paper's first unit
+    does on the raw image.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 preactivate: bool = True) -> None:
+        super().__init__()
+        pre = [nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)] if preactivate else []
+        self.body = nn.Sequential(
+            *pre,
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        )
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity-mapped sum of the residual branch and the projected input."""
+        return self.body(x) + self.shortcut(x)
+
+
+class ResUNet(nn.Module):
+    """U-Net layout built from residual units; strided convs downsample, UpCat upsamples."""
+
+    arch: ClassVar[str] = "resunet"
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        check_sizes(num_classes, in_channels, width)
+        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels, "width": width}
+        f = widths(width)
+        self.encoder = nn.ModuleList(
+            [ResidualUnit(in_channels, f[0], preactivate=False)]
+            + [ResidualUnit(f[i - 1], f[i], stride=2) for i in range(1, 5)])  # the last one is the bridge
+        self.decoder = nn.ModuleList([UpCat(f[i + 1], f[i], f[i], block=ResidualUnit) for i in reversed(range(4))])
+        # the units end on a raw sum (pre-activation design), so normalise before the classifier
+        self.head = nn.Sequential(nn.BatchNorm2d(f[0]), nn.ReLU(inplace=True), nn.Conv2d(f[0], num_classes, 1))
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
+        check_input(x)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for up in self.decoder:
+            x = up(x, skips.pop())
+        return self.head(x)
