@@ -1,0 +1,375 @@
+"""Compose a dataset from a recipe: plan, render scenes in workers, write files, finalise stats.
+
+Every scene depends only on (recipe, seed, split, index) and the split's sprites, so the
+files are byte-identical for any number of workers and any sharding. A scene is done when
+its annotation JSON exists (written last, atomically): an interrupted run resumes there.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+import bloodcells
+from bloodcells.classes import NAMES, NUM_CLASSES, index_of
+from bloodcells.errors import BloodcellsError
+from bloodcells.imageio import encode_png, write_bytes_atomic, write_json
+
+from .recipe import KINDS, OBJECT_CLASSES
+from .scene import Placed, Prepared, build_clump, feather, finish_look, jitter_gains, paste, place_sprite, rbc_canvas, transform
+from .sprite import Sprite
+
+SPLITS = ("train", "val", "test")
+SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    index: int
+    canvas: int
+    kind: str
+    required: tuple[str, ...]
+
+
+def required_combos(recipe: dict) -> list[tuple[str, ...]]:
+    """Every single object class, and with coverage 'pairs' every pair, of those with weight > 0."""
+    cov = recipe["objects"]["coverage"]
+    active = [c for c in OBJECT_CLASSES if recipe["objects"]["weights"][c] > 0]
+    if cov == "none":
+        return []
+    combos = [(c,) for c in active]
+    if cov == "pairs":
+        combos += list(itertools.combinations(active, 2))
+    return combos
+
+
+def plan_split(recipe: dict, split: str) -> list[ScenePlan]:
+    """Which canvas, background kind and required object combination each scene gets."""
+    n = recipe["scenes"].get(split, 0)
+    if n == 0:
+        return []
+    win = recipe["canvas"]["windows"]
+    n_canvas = -(-n // win)
+    weights = recipe["canvas"]["kinds"]
+    active = [k for k in KINDS if weights.get(k, 0) > 0]
+    combos = required_combos(recipe)
+    need = -(-len(combos) // win)  # canvases per kind that cover every combination once
+    rng = np.random.default_rng([recipe["seed"], SPLIT_ID[split], 0])
+    p = np.array([weights[k] for k in active], float)
+    kinds = [active[c % len(active)] if c < need * len(active) else active[rng.choice(len(active), p=p / p.sum())]
+             for c in range(n_canvas)]
+    seen = {k: 0 for k in active}
+    plans = []
+    for i in range(n):
+        c = i // win
+        k = kinds[c]
+        j = seen[k]
+        seen[k] += 1
+        plans.append(ScenePlan(i, c, k, combos[j] if j < len(combos) else ()))
+    return plans
+
+
+def check_pools(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], bank_name: str) -> None:
+    """Every class the recipe needs must have sprites in every split that has scenes."""
+    weights = recipe["objects"]["weights"]
+    kinds = recipe["canvas"]["kinds"]
+    need = set()
+    if kinds.get("healthy", 0) > 0 or kinds.get("mixed", 0) > 0:
+        need.add("healthy_rbc")
+    if kinds.get("infected", 0) > 0 or (kinds.get("mixed", 0) > 0 and recipe["canvas"]["infected_share"] > 0):
+        need.add("infected_rbc")
+    need |= {c for c in OBJECT_CLASSES if weights[c] > 0 and c != "platelet_clump"}
+    if weights["platelet_clump"] > 0:
+        need.add("thrombocyte")
+    for split, n in recipe["scenes"].items():
+        if n == 0:
+            continue
+        for cls in sorted(need, key=NAMES.index):
+            if not pools.get(split, {}).get(cls):
+                fix = f"set objects.weights.{cls}: 0 in the recipe" if cls in OBJECT_CLASSES else \
+                    "change canvas.kinds in the recipe"
+                raise BloodcellsError(f"{bank_name}: split '{split}' has no {cls} sprites; import some "
+                                      f"('cli sprites import ...') or {fix}")
+
+
+class Composer:
+    """Renders scenes of one split; keeps the last canvas and resized sprites between scenes."""
+
+    def __init__(self, recipe: dict, split: str, pools: dict[str, list[Sprite]]):
+        self.r, self.split, self.pools = recipe, split, pools
+        self.prep = Prepared(recipe["look"]["soft_edge"])
+        self._canvas: tuple[int, tuple] | None = None
+        self.plans = plan_split(recipe, split)
+
+    def canvas(self, plan: ScenePlan):
+        if self._canvas is None or self._canvas[0] != plan.canvas:
+            rng = np.random.default_rng([self.r["seed"], SPLIT_ID[self.split], 1, plan.canvas])
+            self._canvas = (plan.canvas, rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind,
+                                                    self.pools.get("healthy_rbc", []),
+                                                    self.pools.get("infected_rbc", []), self.r))
+        return self._canvas[1]
+
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(RGB uint8, label uint8, annotation dict) of one scene."""
+        plan = self.plans[index]
+        cimg, clab, cobj = self.canvas(plan)
+        r, S = self.r, self.r["scene_size"]
+        rng = np.random.default_rng([r["seed"], SPLIT_ID[self.split], 2, index])
+        size = cimg.shape[0]
+        x0, y0 = (int(v) for v in rng.integers(0, size - S + 1, 2))
+        img = cimg[y0:y0 + S, x0:x0 + S].copy()
+        label = clab[y0:y0 + S, x0:x0 + S].copy()
+        objects = [self._shift(p, x0, y0, label) for p in cobj
+                   if p.bbox[0] < x0 + S and p.bbox[2] > x0 and p.bbox[1] < y0 + S and p.bbox[3] > y0]
+        objects = [o for o in objects if o is not None]
+        lo, hi = r["objects"]["count"]
+        w = r["objects"]["weights"]
+        classes = list(plan.required)
+        extra = int(rng.integers(lo, hi + 1))
+        p = np.array([w[c] for c in OBJECT_CLASSES])
+        if extra and p.sum() > 0:
+            classes += [OBJECT_CLASSES[i] for i in rng.choice(len(OBJECT_CLASSES), size=extra, p=p / p.sum())]
+        rng.shuffle(classes)
+        for cls in classes:
+            cx, cy = rng.uniform(0, S, 2)
+            placed = self._object(cls, rng, img, label, float(cx), float(cy))
+            if placed is not None:
+                objects.append(placed)
+        out = finish_look(img, rng, r["look"])
+        ann = {"id": f"{index:06d}", "split": self.split, "kind": plan.kind, "canvas": plan.canvas,
+               "window": [x0, y0], "required": list(plan.required),
+               "objects": [o.to_json() for o in objects if _visible(o, label)]}
+        return out, label, ann
+
+    @staticmethod
+    def _shift(p: Placed, x0: int, y0: int, label: np.ndarray) -> Placed | None:
+        S = label.shape[0]
+        b = (max(0, p.bbox[0] - x0), max(0, p.bbox[1] - y0), min(S, p.bbox[2] - x0), min(S, p.bbox[3] - y0))
+        if b[0] >= b[2] or b[1] >= b[3]:
+            return None
+        return Placed(p.cls, p.sprite, p.source, (p.centre[0] - x0, p.centre[1] - y0), b, p.rotation, p.flip,
+                      p.scale)
+
+    def _object(self, cls: str, rng, img, label, cx: float, cy: float) -> Placed | None:
+        r, sizes, look = self.r, self.r["sizes"], self.r["look"]
+        if cls != "platelet_clump":
+            pool = self.pools[cls]
+            s = pool[int(rng.integers(len(pool)))]
+            return place_sprite(img, label, rng, self.prep, s, float(sizes[cls]), sizes["jitter"], look, cx, cy)
+        n = int(rng.integers(r["clumps"]["min"], r["clumps"]["max"] + 1))
+        d = float(sizes["platelet_clump"]) * (1 + rng.uniform(-sizes["jitter"], sizes["jitter"]))
+        pm, parts, d0 = build_clump(rng, self.prep, self.pools["thrombocyte"], n, d * min(1.0, 0.45 + 0.08 * n),
+                                    float(sizes["thrombocyte"]), sizes["jitter"], look)
+        angle, flip = float(rng.uniform(0, 360)), bool(rng.integers(2))
+        layer = transform(feather(pm, look["soft_edge"]), 1.0, angle, flip, jitter_gains(rng, look["stain_jitter"] * 0.5))
+        bbox = paste(img, label, layer, index_of("platelet_clump"), cx, cy)
+        if bbox is None:
+            return None
+        return Placed("platelet_clump", "clump-" + hashlib.sha1("".join(parts).encode()).hexdigest()[:12], "built",
+                      (cx, cy), bbox, angle, flip, 1.0, parts=parts)
+
+
+def _visible(p: Placed, label: np.ndarray) -> bool:
+    """Whether an object still shows any pixel of its class (later pastes may hide it)."""
+    x0, y0, x1, y1 = p.bbox
+    return bool((label[y0:y1, x0:x1] == index_of(p.cls)).any())
+
+
+# ---- writing -------------------------------------------------------------------------
+
+def scene_stats(img: np.ndarray, label: np.ndarray) -> dict:
+    """What dataset.json aggregates: class pixel counts and per-channel sums (0..1 scale)."""
+    f = img.reshape(-1, 3).astype(np.float64) / 255.0
+    return {"pixels": np.bincount(label.ravel(), minlength=NUM_CLASSES).tolist(),
+            "sum": f.sum(axis=0).round(6).tolist(), "sumsq": (f * f).sum(axis=0).round(6).tolist()}
+
+
+def scene_paths(out: Path, split: str, sid: str) -> tuple[Path, Path, Path]:
+    return (out / split / "images" / f"{sid}.png", out / split / "labels" / f"{sid}.png",
+            out / split / "annotations" / f"{sid}.json")
+
+
+_STATE: dict = {}
+
+
+def _init(out: str, recipe: dict, pools: dict) -> None:
+    cv2.setNumThreads(1)
+    _STATE.update(out=Path(out), recipe=recipe, pools=pools, composers={})
+
+
+def _render_block(task: tuple[str, list[int]]) -> int:
+    split, indices = task
+    comp = _STATE["composers"].get(split)
+    if comp is None:
+        comp = _STATE["composers"][split] = Composer(_STATE["recipe"], split, _STATE["pools"][split])
+    for i in indices:
+        img, label, ann = comp.scene(i)
+        ann.update(scene_stats(img, label))
+        ip, lp, ap = scene_paths(_STATE["out"], split, ann["id"])
+        write_bytes_atomic(ip, encode_png(img, level=1))
+        write_bytes_atomic(lp, encode_png(label, level=1))
+        write_bytes_atomic(ap, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
+    return len(indices)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if n < 1 or not 0 <= i < n:
+        raise BloodcellsError(f"--shard '{text}': expected i/n with 0 <= i < n, e.g. --shard 0/4")
+    return i, n
+
+
+def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, sprites_info: dict,
+            workers: int = 1, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
+    """Render every missing scene of this shard; write dataset.json once all scenes exist."""
+    out = Path(out)
+    check_pools(recipe, pools, sprites_info.get("bank", "sprites"))
+    _guard_same_recipe(out, recipe, sprites_info)
+    win = recipe["canvas"]["windows"]
+    tasks, total, skipped = [], 0, 0
+    for split in SPLITS:
+        n = recipe["scenes"].get(split, 0)
+        # shards own whole canvases (blocks of `windows` scenes) so each canvas is built once
+        for c in range(-(-n // win)):
+            if c % shard[1] != shard[0]:
+                continue
+            block = [i for i in range(c * win, min(n, (c + 1) * win))]
+            total += len(block)
+            todo = [i for i in block if not scene_paths(out, split, f"{i:06d}")[2].exists()]
+            skipped += len(block) - len(todo)
+            if todo:
+                tasks.append((split, todo))
+    done = 0
+    if tasks:
+        if workers > 1 and len(tasks) > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers, initializer=_init, initargs=(str(out), recipe, pools)) as pool:
+                with tqdm(total=total - skipped, desc="compose", unit="scene", disable=not progress) as bar:
+                    for k in pool.imap_unordered(_render_block, tasks):
+                        done += k
+                        bar.update(k)
+        else:
+            _init(str(out), recipe, pools)
+            with tqdm(total=total - skipped, desc="compose", unit="scene", disable=not progress) as bar:
+                for t in tasks:
+                    k = _render_block(t)
+                    done += k
+                    bar.update(k)
+    summary = {"rendered": done, "resumed_from": skipped, "shard": f"{shard[0]}/{shard[1]}", "complete": False}
+    if all(scene_paths(out, s, f"{i:06d}")[2].exists() for s in SPLITS for i in range(recipe["scenes"].get(s, 0))):
+        summary["dataset"] = finalise(out, recipe, sprites_info)
+        summary["complete"] = True
+    return summary
+
+
+def _guard_same_recipe(out: Path, recipe: dict, sprites_info: dict) -> None:
+    """Resuming into a folder made from another recipe or bank would mix datasets: refuse."""
+    marker = out / ".compose.json"
+    mine = {"recipe": recipe, "sprites": sprites_info.get("id")}
+    if marker.exists():
+        try:
+            theirs = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            theirs = None
+        if theirs != json.loads(json.dumps(mine)):
+            raise BloodcellsError(f"{out}: already holds scenes from another recipe, seed or sprite bank; "
+                                  "choose a new --out or delete that folder")
+    else:
+        write_json(marker, mine)
+
+
+def class_weights(freq: np.ndarray) -> np.ndarray:
+    """Median-frequency balancing; classes never seen get the largest weight of the others."""
+    seen = freq > 0
+    w = np.zeros_like(freq)
+    if seen.any():
+        w[seen] = np.median(freq[seen]) / freq[seen]
+        w[~seen] = w[seen].max()
+    return w
+
+
+def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
+    """Aggregate every scene's stats into dataset.json."""
+    counts, pixels = {}, {}
+    s1, s2, npx = np.zeros(3), np.zeros(3), 0
+    objects = {}
+    for split in SPLITS:
+        n = recipe["scenes"].get(split, 0)
+        counts[split] = n
+        px = np.zeros(NUM_CLASSES, np.int64)
+        oc = np.zeros(NUM_CLASSES, np.int64)
+        for i in range(n):
+            ann = json.loads(scene_paths(out, split, f"{i:06d}")[2].read_text())
+            px += np.array(ann["pixels"], np.int64)
+            for o in ann["objects"]:
+                oc[NAMES.index(o["class"])] += 1
+            if split == "train":
+                s1 += ann["sum"]
+                s2 += ann["sumsq"]
+        pixels[split] = px.tolist()
+        objects[split] = oc.tolist()
+        if split == "train":
+            npx = int(px.sum())
+    ref = "train" if counts["train"] else max(counts, key=counts.get)
+    freq = np.array(pixels[ref], float) / max(1, sum(pixels[ref]))
+    if npx == 0:  # no train split: fall back to all scenes' look
+        npx = 1
+    mean = s1 / npx
+    std = np.sqrt(np.maximum(s2 / npx - mean ** 2, 1e-12))
+    info = {
+        "format": 1,
+        "name": recipe["name"],
+        "seed": recipe["seed"],
+        "recipe": recipe,
+        "versions": {"bloodcells": bloodcells.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
+                     "python": platform.python_version()},
+        "classes": list(NAMES),
+        "scene_size": recipe["scene_size"],
+        "counts": counts,
+        "class_pixels": pixels,
+        "object_counts": objects,
+        "class_frequencies": [round(float(f), 8) for f in freq],
+        "class_weights": [round(float(w), 6) for w in class_weights(freq)],
+        "mean": [round(float(m), 6) for m in mean],
+        "std": [round(float(s), 6) for s in std],
+        "sprites": sprites_info,
+    }
+    write_json(out / "dataset.json", info)
+    return info
+
+
+def sprite_pools(bank: Path | None, recipe: dict) -> tuple[dict[str, dict[str, list[Sprite]]], dict]:
+    """Sprites by split and class, from a bank or (bank None) the built-in procedural default."""
+    if bank is None:
+        from .procedural import builtin_sprites
+
+        sprites = builtin_sprites(per_class=int(recipe["builtin_per_class"]), seed=0)
+        digest = hashlib.sha1(b"".join(s.rgba.tobytes() for s in sprites)).hexdigest()[:16]
+        info = {"bank": "builtin", "id": f"builtin-{digest}", "kind": "built-in default (procedural sprites)"}
+    else:
+        from .bank import SpriteBank
+
+        b = SpriteBank(bank)
+        if not b.index_path.is_file():
+            raise BloodcellsError(f"{bank}: no sprite bank here (no index.jsonl); create one with 'cli sprites import'")
+        sprites = b.load()
+        info = {"bank": str(bank), "id": b.bank_id(), "kind": "sprite bank"}
+    pools: dict[str, dict[str, list[Sprite]]] = {s: {} for s in SPLITS}
+    for s in sprites:
+        pools.setdefault(s.split, {}).setdefault(s.cls, []).append(s)
+    info["per_split"] = {sp: {c: len(v) for c, v in sorted(d.items(), key=lambda kv: NAMES.index(kv[0]))}
+                         for sp, d in pools.items()}
+    return pools, info

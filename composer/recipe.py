@@ -1,0 +1,133 @@
+"""Recipes: YAML that decides what a composed dataset holds; validated against one schema."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bloodcells.classes import BY_NAME, NAMES
+from bloodcells.errors import BloodcellsError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+OBJECT_CLASSES = ("eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte", "thrombocyte", "platelet_clump")
+KINDS = ("healthy", "infected", "mixed")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "custom",
+    "seed": 0,
+    "scene_size": 224,
+    "scenes": {"train": 1000, "val": 100, "test": 100},
+    "canvas": {
+        "size": 1000,  # RBC-only canvases, as in the original procedure
+        "windows": 16,  # scene windows cropped from each canvas
+        "kinds": {"healthy": 1.0, "infected": 1.0, "mixed": 1.0},
+        "infected_share": 0.3,  # share of infected RBCs on a mixed canvas
+        "density": 0.8,  # chance that each slot of the RBC lattice holds a cell
+        "overlap": 0.1,  # how far neighbouring RBCs may overlap (fraction of a diameter)
+    },
+    "objects": {
+        "coverage": "pairs",  # none | singles | pairs: each (type or pair) x background kind appears
+        "count": [1, 3],  # further random objects per scene (inclusive range)
+        "weights": {c: 1.0 for c in OBJECT_CLASSES},
+    },
+    "sizes": {"jitter": 0.08, **{c: BY_NAME[c].diameter_40x for c in NAMES[1:]}},
+    "clumps": {"min": 3, "max": 10},
+    "look": {
+        "soft_edge": 0.8,  # feather of sprite edges in px (the label stays exact)
+        "stain_jitter": 0.05,  # per-sprite brightness/saturation/hue jitter
+        "background_tone": 0.04,  # per-canvas plasma colour variation
+        "illumination": 0.08,  # strength of a smooth illumination gradient
+        "blur": [0.0, 0.6],  # Gaussian blur sigma range (px)
+        "noise": 2.0,  # Gaussian pixel noise, std in grey levels
+    },
+    "builtin_per_class": 24,  # sprites per class when no bank is given (the built-in default)
+}
+
+
+def _check(user: dict, ref: dict, path: str, where: str) -> None:
+    for k, v in user.items():
+        if k not in ref:
+            raise BloodcellsError(f"{where}: unknown key '{path}{k}'; allowed here: {', '.join(map(str, ref))}")
+        r = ref[k]
+        if isinstance(r, dict) and k != "weights":
+            if not isinstance(v, dict):
+                raise BloodcellsError(f"{where}: '{path}{k}' must be a mapping like {_brief(r)}")
+            _check(v, r, f"{path}{k}.", where)
+        elif isinstance(r, list):
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]):
+                raise BloodcellsError(f"{where}: '{path}{k}' must be [low, high], e.g. {r}")
+        elif isinstance(r, (int, float)) and not isinstance(r, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise BloodcellsError(f"{where}: '{path}{k}' must be a number >= 0, got {v!r}")
+
+
+def _brief(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: ..." for k in list(d)[:3]) + "}"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "weights" else v
+    return out
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A recipe file, or a bare name found in recipes/ (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(f.name for f in RECIPES_DIR.glob("*.yaml")))
+    raise BloodcellsError(f"{name}: no such recipe; give a YAML path or one of: {known}")
+
+
+def load_recipe(name: str | Path, overrides: dict | None = None) -> dict:
+    """Read, validate and resolve a recipe against the defaults."""
+    path = resolve_path(name)
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise BloodcellsError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(user, dict):
+        raise BloodcellsError(f"{path}: a recipe must be a mapping of keys (seed:, scenes:, ...)")
+    return validate(_merge(user, overrides or {}), str(path), stem=path.stem)
+
+
+def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
+    _check(user, DEFAULTS, "", where)
+    r = _merge(DEFAULTS, user)
+    r.setdefault("name", stem)
+    if user.get("name") is None:
+        r["name"] = stem
+    w = r["objects"]["weights"]
+    if not isinstance(w, dict):
+        raise BloodcellsError(f"{where}: 'objects.weights' must map class names to numbers")
+    for k, v in w.items():
+        if k not in OBJECT_CLASSES:
+            raise BloodcellsError(f"{where}: unknown class '{k}' in objects.weights; use: {', '.join(OBJECT_CLASSES)}")
+        if not isinstance(v, (int, float)) or v < 0:
+            raise BloodcellsError(f"{where}: objects.weights.{k} must be a number >= 0")
+    r["objects"]["weights"] = {c: float(w.get(c, 0.0)) for c in OBJECT_CLASSES}
+    if r["objects"]["coverage"] not in ("none", "singles", "pairs"):
+        raise BloodcellsError(f"{where}: objects.coverage must be none, singles or pairs")
+    for s, n in r["scenes"].items():
+        if s not in ("train", "val", "test") or not isinstance(n, int) or n < 0:
+            raise BloodcellsError(f"{where}: scenes.{s} must be a whole number >= 0 for train, val or test")
+    if sum(r["canvas"]["kinds"].values()) <= 0:
+        raise BloodcellsError(f"{where}: canvas.kinds needs at least one positive share")
+    if r["scene_size"] < 32 or r["canvas"]["size"] < r["scene_size"]:
+        raise BloodcellsError(f"{where}: need 32 <= scene_size <= canvas.size")
+    if not 1 <= r["clumps"]["min"] <= r["clumps"]["max"]:
+        raise BloodcellsError(f"{where}: clumps needs 1 <= min <= max")
+    if not isinstance(r["seed"], int):
+        raise BloodcellsError(f"{where}: seed must be a whole number")
+    r["canvas"]["windows"] = max(1, int(r["canvas"]["windows"]))
+    r["objects"]["count"] = [int(x) for x in r["objects"]["count"]]
+    return r

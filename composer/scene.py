@@ -1,0 +1,258 @@
+"""Scene maths: transform sprites, paste them with exact labels, build RBC canvases and clumps.
+
+Images are float32 RGB in 0..255 while being composed; labels are uint8 class indices.
+A pasted sprite's label is its class wherever its (un-feathered) alpha is over one half, on
+top of whatever was there: the label map holds the top-most sprite's class per pixel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from bloodcells.classes import index_of
+
+from .sprite import Sprite
+
+
+@dataclass
+class Layer:
+    """A transformed sprite ready to paste: premultiplied RGB, feathered alpha, exact mask."""
+    rgb: np.ndarray  # float32 (h, w, 3), premultiplied by alpha
+    alpha: np.ndarray  # float32 (h, w) in 0..1 (feathered)
+    mask: np.ndarray  # bool (h, w): the pixels this sprite labels
+
+
+@dataclass
+class Placed:
+    cls: str
+    sprite: str
+    source: str
+    centre: tuple[float, float]
+    bbox: tuple[int, int, int, int]
+    rotation: float
+    flip: bool
+    scale: float
+    parts: list[str] = field(default_factory=list)  # built objects (clumps): the sprites they are made of
+
+    def to_json(self) -> dict:
+        d = {"class": self.cls, "bbox": list(self.bbox), "centre": [round(self.centre[0], 2), round(self.centre[1], 2)],
+             "rotation": round(self.rotation, 2), "flip": self.flip, "scale": round(self.scale, 4),
+             "sprite": self.sprite, "source": self.source}
+        if self.parts:
+            d["built"] = True
+            d["parts"] = self.parts
+        return d
+
+
+class Prepared:
+    """Sprites resized once to their class's nominal size (area-averaged), premultiplied and feathered.
+
+    Each entry is float32 (h, w, 5): feathered premultiplied RGB, feathered alpha, exact alpha."""
+
+    def __init__(self, soft_edge: float = 0.0) -> None:
+        self.soft_edge = soft_edge
+        self.cache: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
+
+    def get(self, s: Sprite, diameter: float) -> tuple[np.ndarray, float]:
+        """(float32 (h, w, 5) layers at ~diameter, their exact diameter in px)."""
+        key = (s.id, diameter)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = prepare(s.rgba, s.diameter, diameter, self.soft_edge)
+            if len(self.cache) > 20000:
+                self.cache.clear()
+            self.cache[key] = hit
+        return hit
+
+
+def prepare(rgba: np.ndarray, d_native: float, diameter: float, soft_edge: float) -> tuple[np.ndarray, float]:
+    """Resize an RGBA sprite to ~diameter; feather its edge outward (the exact alpha is kept apart)."""
+    k = diameter / max(d_native, 1.0)
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    pm = np.concatenate([rgba[..., :3].astype(np.float32) * a, a], axis=2)
+    if abs(k - 1) > 0.02:
+        h, w = pm.shape[:2]
+        size = (max(2, round(w * k)), max(2, round(h * k)))
+        pm = cv2.resize(pm, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
+        k = size[0] / w
+    return feather(pm, soft_edge), d_native * k
+
+
+def feather(pm: np.ndarray, soft_edge: float) -> np.ndarray:
+    """(h, w, 4) premultiplied RGBA -> (h, w, 5) with a feathered edge and the exact alpha last."""
+    pad = int(np.ceil(2 * soft_edge)) + 1
+    pm = np.pad(pm, ((pad, pad), (pad, pad), (0, 0)))
+    exact = pm[..., 3]
+    if soft_edge > 0:
+        alpha = cv2.GaussianBlur(exact, (0, 0), soft_edge)
+        # feathering only fades the edge outward: inside the mask the cell stays as opaque as it was
+        alpha = np.where(exact > 0.5, np.maximum(alpha, exact), alpha)
+        ratio = np.where(exact > 1e-4, alpha / np.maximum(exact, 1e-4), 0)[..., None]
+        rgb = pm[..., :3] * ratio
+    else:
+        alpha, rgb = exact, pm[..., :3]
+    return np.ascontiguousarray(np.dstack([rgb, alpha, exact]), dtype=np.float32)
+
+
+def transform(pm: np.ndarray, scale: float, angle: float, flip: bool,
+              gains: np.ndarray | None = None) -> Layer:
+    """Scale, rotate (degrees) and flip prepared (h, w, 5) sprite layers; tint the colour."""
+    if flip:
+        pm = pm[:, ::-1]
+    h, w = pm.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, scale)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    ow, oh = int(np.ceil(w * cos + h * sin)) + 2, int(np.ceil(w * sin + h * cos)) + 2
+    m[0, 2] += (ow - 1) / 2 - (w - 1) / 2
+    m[1, 2] += (oh - 1) / 2 - (h - 1) / 2
+    pm = np.ascontiguousarray(pm)
+    kw = dict(flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out = cv2.warpAffine(pm[..., :4], m, (ow, oh), **kw)
+    mask = cv2.warpAffine(pm[..., 4], m, (ow, oh), **kw) > 0.5
+    rgb = out[..., :3] if gains is None else out[..., :3] * gains
+    return Layer(rgb, out[..., 3], mask)
+
+
+def paste(img: np.ndarray, label: np.ndarray, layer: Layer, cls_index: int, cx: float, cy: float
+          ) -> tuple[int, int, int, int] | None:
+    """Composite `layer` centred at (cx, cy), clipped to the image; returns its visible label bbox."""
+    h, w = layer.mask.shape
+    x0, y0 = int(round(cx - (w - 1) / 2)), int(round(cy - (h - 1) / 2))
+    H, W = label.shape
+    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
+    if ix0 >= ix1 or iy0 >= iy1:
+        return None
+    sx0, sy0 = ix0 - x0, iy0 - y0
+    sl = (slice(sy0, sy0 + iy1 - iy0), slice(sx0, sx0 + ix1 - ix0))
+    a = layer.alpha[sl][..., None]
+    region = img[iy0:iy1, ix0:ix1]
+    region *= 1.0 - a
+    region += layer.rgb[sl]
+    m = layer.mask[sl]
+    label[iy0:iy1, ix0:ix1][m] = cls_index
+    bx, by, bw, bh = cv2.boundingRect(m.astype(np.uint8))
+    if bw == 0:
+        return None
+    return ix0 + bx, iy0 + by, ix0 + bx + bw, iy0 + by + bh
+
+
+def jitter_gains(rng: np.random.Generator, strength: float) -> np.ndarray | None:
+    """Per-sprite stain variation: a brightness factor times small per-channel gains."""
+    if strength <= 0:
+        return None
+    g = 1.0 + rng.normal(0.0, strength * 0.5, 3) + rng.normal(0.0, strength)
+    return np.clip(g, 0.6, 1.4).astype(np.float32)
+
+
+def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, prep: Prepared, s: Sprite,
+                 diameter: float, jitter: float, look: dict, cx: float, cy: float) -> Placed | None:
+    """Paste one sprite at (cx, cy) at its class's size with random rotation, flip and stain."""
+    pm, d0 = prep.get(s, diameter)
+    scale = diameter * (1.0 + rng.uniform(-jitter, jitter)) / d0
+    angle = float(rng.uniform(0, 360))
+    flip = bool(rng.integers(2))
+    layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
+    bbox = paste(img, label, layer, index_of(s.cls), cx, cy)
+    if bbox is None:
+        return None
+    return Placed(s.cls, s.id, s.source, (cx, cy), bbox, angle, flip, scale * d0 / s.diameter)
+
+
+def build_clump(rng: np.random.Generator, prep: Prepared, thrombocytes: list[Sprite], n: int,
+                diameter: float, part_diameter: float, jitter: float, look: dict) -> tuple[np.ndarray, list[str], float]:
+    """A platelet clump: n thrombocyte sprites packed around a centre; premultiplied RGBA and part ids."""
+    size = int(diameter * 1.6) + 8
+    img = np.zeros((size, size, 3), np.float32)
+    alpha_img = np.zeros((size, size, 3), np.float32)
+    lab = np.zeros((size, size), np.uint8)
+    parts = []
+    spread = max(1.0, (diameter - part_diameter) / 2)
+    for _ in range(n):
+        s = thrombocytes[int(rng.integers(len(thrombocytes)))]
+        r = spread * np.sqrt(rng.uniform(0, 1))
+        t = rng.uniform(0, 2 * np.pi)
+        cx, cy = (size - 1) / 2 + r * np.cos(t), (size - 1) / 2 + r * np.sin(t)
+        pm, d0 = prep.get(s, part_diameter)
+        layer = transform(pm, part_diameter * (1 + rng.uniform(-jitter, jitter)) / d0, float(rng.uniform(0, 360)),
+                          bool(rng.integers(2)), jitter_gains(rng, look["stain_jitter"]))
+        paste(img, lab, layer, 1, cx, cy)
+        # the clump's own alpha: composite each part's alpha the same way
+        paste(alpha_img, lab, Layer(np.repeat(layer.alpha[..., None], 3, axis=2), layer.alpha, layer.mask), 1, cx, cy)
+        parts.append(s.id)
+    alpha = alpha_img[..., 0]
+    rgba = np.dstack([img, alpha])
+    ys, xs = np.nonzero(lab)
+    rgba = rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    dia = float(2 * np.sqrt(np.count_nonzero(lab) / np.pi))
+    return np.ascontiguousarray(rgba), parts, dia
+
+
+def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, healthy: list[Sprite],
+               infected: list[Sprite], recipe: dict) -> tuple[np.ndarray, np.ndarray, list[Placed]]:
+    """An RBC-only canvas: plasma background with RBCs on a jittered hexagonal lattice."""
+    look, cv, sizes = recipe["look"], recipe["canvas"], recipe["sizes"]
+    tone = 1.0 + rng.normal(0, look["background_tone"], 3)
+    base = np.clip(np.array([236.0, 222.0, 210.0]) * tone, 0, 255).astype(np.float32)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = base
+    label = np.zeros((size, size), np.uint8)
+    d = float(sizes["healthy_rbc"])
+    step = d * (1.0 - cv["overlap"])
+    rows = int(size / (step * 0.866)) + 2
+    cols = int(size / step) + 2
+    gy, gx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    xs = gx * step + (gy % 2) * step / 2 - step / 2
+    ys = gy * step * 0.866 - step / 2
+    xs = xs + rng.uniform(-0.2, 0.2, xs.shape) * step
+    ys = ys + rng.uniform(-0.2, 0.2, ys.shape) * step
+    keep = rng.uniform(0, 1, xs.shape) < cv["density"]
+    pts = np.stack([xs[keep], ys[keep]], axis=1)
+    pts = pts[rng.permutation(len(pts))]
+    if kind == "healthy":
+        is_inf = np.zeros(len(pts), bool)
+    elif kind == "infected":
+        is_inf = np.ones(len(pts), bool)
+    else:
+        is_inf = rng.uniform(0, 1, len(pts)) < cv["infected_share"]
+    placed = []
+    for (x, y), inf in zip(pts, is_inf):
+        pool = infected if inf else healthy
+        s = pool[int(rng.integers(len(pool)))]
+        p = place_sprite(img, label, rng, prep, s, float(sizes[s.cls]), sizes["jitter"], look, float(x), float(y))
+        if p is not None:
+            placed.append(p)
+    return img, label, placed
+
+
+def finish_look(img: np.ndarray, rng: np.random.Generator, look: dict) -> np.ndarray:
+    """Illumination gradient, blur and noise on a composed float image; returns uint8 RGB."""
+    h, w = img.shape[:2]
+    if look["illumination"] > 0:
+        gx, gy = rng.normal(0, look["illumination"], 2)
+        ramp = 1.0 + (np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * gx
+                      + np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None] * gy)
+        img = img * ramp[..., None]
+    lo, hi = look["blur"]
+    sigma = float(rng.uniform(lo, hi)) if hi > 0 else 0.0
+    if sigma > 0.15:
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    if look["noise"] > 0:
+        tile = noise_tile(look["noise"])
+        y, x = (int(v) for v in rng.integers(0, tile.shape[0] - h + 1, 2)) if tile.shape[0] > h else (0, 0)
+        img = img + tile[y:y + h, x:x + w] if tile.shape[0] >= max(h, w) else \
+            img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(look["noise"])
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+_NOISE: dict[float, np.ndarray] = {}
+
+
+def noise_tile(std: float, size: int = 640) -> np.ndarray:
+    """A fixed field of Gaussian noise; scenes take random windows of it (drawing fresh noise costs more
+    than the rest of the finishing). Fixed seed, so every worker holds the same field."""
+    t = _NOISE.get(std)
+    if t is None:
+        t = _NOISE[std] = np.random.default_rng(12345).standard_normal((size, size, 3), dtype=np.float32) * np.float32(std)
+    return t

@@ -1,0 +1,266 @@
+"""Scene composer: exact labels, coverage, split purity, determinism, resume, recipe errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bloodcells.classes import NAMES, index_of
+from bloodcells.errors import BloodcellsError
+from composer.dataset import Composer, check_pools, compose, plan_split, required_combos, sprite_pools
+from composer.recipe import load_recipe, validate
+from composer.scene import Prepared, feather, paste, transform
+from composer.sprite import Sprite
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"scenes": {"train": 24, "val": 8, "test": 8}}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    r = load_recipe("tiny", TINY)
+    return r, *sprite_pools(None, r)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(builtin, tmp_path_factory):
+    r, pools, info = builtin
+    out = tmp_path_factory.mktemp("tiny") / "d"
+    compose(r, pools, out, info, workers=1, progress=False)
+    return out
+
+
+# ---- pasting is exact -------------------------------------------------------------------
+
+def _disk_sprite(r: int = 10, cls: str = "lymphocyte", sid: str = "x") -> Sprite:
+    rgba = np.zeros((2 * r + 5, 2 * r + 5, 4), np.uint8)
+    cv2.circle(rgba, (r + 2, r + 2), r, (90, 40, 150, 255), -1)
+    return Sprite(sid, cls, rgba, float(2 * np.sqrt((rgba[..., 3] > 127).sum() / np.pi)))
+
+
+def test_paste_labels_exactly_the_visible_sprite_pixels():
+    img = np.full((64, 64, 3), 200, np.float32)
+    label = np.zeros((64, 64), np.uint8)
+    s = _disk_sprite()
+    pm, _ = Prepared(soft_edge=0.8).get(s, s.diameter)
+    a = transform(pm, 1.0, 0.0, False)
+    bbox = paste(img, label, a, 4, 20, 20)
+    expect = np.zeros_like(label)
+    h, w = a.mask.shape
+    x0, y0 = int(round(20 - (w - 1) / 2)), int(round(20 - (h - 1) / 2))
+    expect[y0:y0 + h, x0:x0 + w][a.mask] = 4
+    assert np.array_equal(label, expect)
+    assert (label == 4).sum() == pytest.approx(np.pi * 10 ** 2, rel=0.08)
+    # a second sprite on top takes the overlap (top-most wins); the first keeps the rest
+    b = transform(pm, 1.0, 45.0, True)
+    paste(img, label, b, 9, 30, 20)
+    assert (label == 9).sum() == b.mask.sum()
+    assert 0 < (label == 4).sum() < a.mask.sum()
+    # cut by the border: only the inside part is labelled, and the bbox is clipped
+    lab2 = np.zeros((64, 64), np.uint8)
+    bb = paste(np.zeros((64, 64, 3), np.float32), lab2, a, 4, 0, 0)
+    assert bb[0] == 0 and bb[1] == 0 and 0 < (lab2 == 4).sum() < a.mask.sum()
+    assert bbox == (x0 + 2, y0 + 2, x0 + 2 + 21, y0 + 2 + 21) or (label[bbox[1]:bbox[3], bbox[0]:bbox[2]] > 0).any()
+
+
+def test_feathering_never_changes_the_label():
+    s = _disk_sprite(14)
+    hard, _ = Prepared(0.0).get(s, s.diameter)
+    soft, _ = Prepared(1.5).get(s, s.diameter)
+    m_hard = transform(hard, 1.3, 30.0, False).mask
+    m_soft = transform(soft, 1.3, 30.0, False).mask
+    pad = (m_soft.shape[0] - m_hard.shape[0]) // 2
+    assert np.array_equal(m_soft[pad:pad + m_hard.shape[0], pad:pad + m_hard.shape[1]], m_hard)
+    assert feather(np.zeros((4, 4, 4), np.float32), 1.0).shape[2] == 5
+
+
+# ---- composed scenes --------------------------------------------------------------------
+
+def test_files_and_label_values(tiny_set):
+    info = json.loads((tiny_set / "dataset.json").read_text())
+    assert info["counts"] == {"train": 24, "val": 8, "test": 8}
+    assert info["sprites"]["bank"] == "builtin"
+    assert len(info["class_weights"]) == 10 and abs(sum(info["class_frequencies"]) - 1) < 1e-6
+    for split, n in info["counts"].items():
+        ids = sorted(p.stem for p in (tiny_set / split / "labels").glob("*.png"))
+        assert len(ids) == n
+        for sid in ids[:4]:
+            lab = cv2.imread(str(tiny_set / split / "labels" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+            img = cv2.imread(str(tiny_set / split / "images" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+            assert lab.dtype == np.uint8 and lab.shape == (224, 224) and lab.max() <= 9
+            assert img.shape == (224, 224, 3)
+
+
+def test_annotations_match_the_label_map(tiny_set):
+    """Every labelled pixel of a class lies in the bbox of an annotated object of that class, and
+    every annotated object shows pixels of its class inside its bbox."""
+    for ap in sorted((tiny_set / "train" / "annotations").glob("*.json"))[:12]:
+        ann = json.loads(ap.read_text())
+        lab = cv2.imread(str(tiny_set / "train" / "labels" / f"{ann['id']}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.bincount(lab.ravel(), minlength=10).tolist() == ann["pixels"]
+        cover = np.zeros((10,) + lab.shape, bool)
+        for o in ann["objects"]:
+            x0, y0, x1, y1 = o["bbox"]
+            c = index_of(o["class"])
+            assert (lab[y0:y1, x0:x1] == c).any()
+            cover[c, y0:y1, x0:x1] = True
+        for c in range(1, 10):
+            assert cover[c][lab == c].all(), (ann["id"], NAMES[c])
+
+
+def test_balanced_covers_every_pair_on_every_background(builtin, tmp_path):
+    r = load_recipe("balanced", {"scenes": {"train": 96, "val": 0, "test": 0}})
+    combos = required_combos(r)
+    assert len(combos) == 7 + 21
+    plans = plan_split(r, "train")
+    seen = {(p.kind, p.required) for p in plans if p.required}
+    assert seen == {(k, c) for k in ("healthy", "infected", "mixed") for c in combos}
+    _, pools, info = builtin
+    compose(r, pools, tmp_path, info, workers=2, progress=False)
+    d = json.loads((tmp_path / "dataset.json").read_text())
+    assert all(n > 0 for n in d["class_pixels"]["train"]), d["class_pixels"]
+    shown = 0
+    for p in plans:
+        if p.required:
+            lab = cv2.imread(str(tmp_path / "train" / "labels" / f"{p.index:06d}.png"), cv2.IMREAD_UNCHANGED)
+            shown += all((lab == index_of(c)).any() for c in p.required)
+    assert shown >= 0.9 * len(seen)  # a later object may hide an earlier one entirely
+
+
+def test_clumps_are_built_from_thrombocytes(tiny_set):
+    clumps = [o for ap in (tiny_set / "train" / "annotations").glob("*.json")
+              for o in json.loads(ap.read_text())["objects"] if o["class"] == "platelet_clump"]
+    assert clumps
+    for o in clumps:
+        assert o["built"] and 3 <= len(o["parts"]) <= 10 and o["source"] == "built"
+        assert all(pid.startswith("builtin-thrombocyte") for pid in o["parts"])
+
+
+def test_same_files_for_any_workers_and_shards(builtin, tiny_set, tmp_path):
+    r, pools, info = builtin
+    ref = _hashes(tiny_set)
+    compose(r, pools, tmp_path / "w2", info, workers=2, progress=False)
+    assert _hashes(tmp_path / "w2") == ref
+    for i in range(3):
+        s = compose(r, pools, tmp_path / "sh", info, workers=1, shard=(i, 3), progress=False)
+        assert s["complete"] == (i == 2)
+    assert _hashes(tmp_path / "sh") == ref
+
+
+def test_resume_after_kill(builtin, tmp_path):
+    """Kill a real compose mid-run; a re-run completes it with the same bytes as an unbroken run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nscenes: {train: 160, val: 0, test: 0}\ncanvas: {size: 448, windows: 4}\n")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "compose", "--recipe", str(recipe), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    ann = out / "train" / "annotations"
+    while time.time() < deadline and (not ann.is_dir() or len(list(ann.glob("*.json"))) < 20):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(ann.glob("*.json")))
+    assert 20 <= n_done < 160 and not (out / "dataset.json").exists()
+    # a half-written scene: image present but no annotation, and a stray temp file
+    (out / "train" / "images" / "000159.png").write_bytes(b"half")
+    (out / "train" / "images" / ".000158.png.123.tmp").write_bytes(b"tmp")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{n_done} already there" in r.stdout
+    ref = tmp_path / "ref"
+    r2 = subprocess.run(cmd[:-4] + ["--out", str(ref), "--workers", "2"], capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr
+    assert _hashes(out) == _hashes(ref)
+
+
+def test_real_sprites_never_cross_splits(real_bank, tmp_path):
+    bank, _ = real_bank
+    r = load_recipe("balanced", {"scenes": {"train": 32, "val": 32, "test": 32}, "canvas": {"windows": 8}})
+    pools, info = sprite_pools(bank.root, r)
+    compose(r, pools, tmp_path, info, workers=2, progress=False)
+    split_of = {rec["id"]: rec["split"] for rec in bank.records()}
+    n = 0
+    for split in ("train", "val", "test"):
+        for ap in (tmp_path / split / "annotations").glob("*.json"):
+            for o in json.loads(ap.read_text())["objects"]:
+                for sid in o.get("parts") or [o["sprite"]]:
+                    assert split_of[sid] == split
+                    n += 1
+    assert n > 500
+    d = json.loads((tmp_path / "dataset.json").read_text())
+    assert d["sprites"]["id"] == bank.bank_id() and all(x > 0 for x in d["class_pixels"]["train"])
+
+
+# ---- errors a user can cause --------------------------------------------------------------
+
+def test_recipe_errors_name_the_key_and_fix(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenes: {train: 10\n")
+    with pytest.raises(BloodcellsError, match="not valid YAML at line"):
+        load_recipe(bad)
+    bad.write_text("canvas: {sise: 1000}\n")
+    with pytest.raises(BloodcellsError, match=r"unknown key 'canvas.sise'; allowed here: size"):
+        load_recipe(bad)
+    with pytest.raises(BloodcellsError, match="unknown class 'platelets' in objects.weights"):
+        validate({"objects": {"weights": {"platelets": 1}}})
+    with pytest.raises(BloodcellsError, match="must be a number >= 0"):
+        validate({"look": {"noise": -1}})
+    with pytest.raises(BloodcellsError, match="must be \\[low, high\\]"):
+        validate({"look": {"blur": 3}})
+    with pytest.raises(BloodcellsError, match="no such recipe; give a YAML path or one of: .*balanced.yaml"):
+        load_recipe("nope")
+    assert load_recipe("balanced.yaml")["name"] == "balanced"
+
+
+def test_empty_class_is_a_clear_error(builtin):
+    r, pools, _ = builtin
+    broken = {s: {c: v for c, v in d.items() if c != "basophil"} for s, d in pools.items()}
+    with pytest.raises(BloodcellsError, match="split 'train' has no basophil sprites.*objects.weights.basophil: 0"):
+        check_pools(r, broken, "bank/")
+    r2 = validate({**TINY, "objects": {"weights": {"basophil": 0}}})
+    check_pools(r2, broken, "bank/")  # not needed: fine
+
+
+def test_refuses_to_mix_recipes_in_one_folder(builtin, tiny_set):
+    r, pools, info = builtin
+    other = validate({**TINY, "seed": 7})
+    with pytest.raises(BloodcellsError, match="another recipe, seed or sprite bank"):
+        compose(other, pools, tiny_set, info, workers=1, progress=False)
+
+
+def test_cli_compose_and_show(tmp_path):
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "compose", "--recipe", "tiny", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "built-in default" in r.stdout and "healthy_rbc" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "show", str(out), "--n", "4", "--out",
+                        str(tmp_path / "g.png")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    g = cv2.imread(str(tmp_path / "g.png"))
+    assert g.shape[1] == 4 * (2 * 224 + 4 + 8)
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "compose", "--recipe", "nope.yaml", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: nope.yaml: no such recipe")
+
+
+def test_composer_is_deterministic_in_memory(builtin):
+    r, pools, _ = builtin
+    a = Composer(r, "train", pools["train"]).scene(5)
+    b = Composer(r, "train", pools["train"]).scene(5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
