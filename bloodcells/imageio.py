@@ -11,6 +11,10 @@ import numpy as np
 
 from .errors import BloodcellsError, disk_errors
 
+# OpenCV's own thread pool is of no use on the small images here, and a pool created before a
+# fork can deadlock the forked workers that compose and import use: keep OpenCV single-threaded.
+cv2.setNumThreads(1)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 

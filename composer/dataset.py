@@ -185,11 +185,14 @@ def _visible(p: Placed, label: np.ndarray) -> bool:
 
 # ---- writing -------------------------------------------------------------------------
 
+_LEVELS = np.arange(256, dtype=np.int64)
+
+
 def scene_stats(img: np.ndarray, label: np.ndarray) -> dict:
-    """What dataset.json aggregates: class pixel counts and per-channel sums (0..1 scale)."""
-    f = img.reshape(-1, 3).astype(np.float64) / 255.0
+    """What dataset.json aggregates: class pixel counts and exact per-channel sums of values and squares."""
+    hist = np.stack([np.bincount(img[..., c].ravel(), minlength=256) for c in range(3)]).astype(np.int64)
     return {"pixels": np.bincount(label.ravel(), minlength=NUM_CLASSES).tolist(),
-            "sum": f.sum(axis=0).round(6).tolist(), "sumsq": (f * f).sum(axis=0).round(6).tolist()}
+            "sum": (hist @ _LEVELS).tolist(), "sumsq": (hist @ (_LEVELS * _LEVELS)).tolist()}
 
 
 def scene_paths(out: Path, split: str, sid: str) -> tuple[Path, Path, Path]:
@@ -304,7 +307,7 @@ def class_weights(freq: np.ndarray) -> np.ndarray:
 def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     """Aggregate every scene's stats into dataset.json."""
     counts, pixels = {}, {}
-    s1, s2, npx = np.zeros(3), np.zeros(3), 0
+    s1, s2, npx = np.zeros(3, np.int64), np.zeros(3, np.int64), 0
     objects = {}
     for split in SPLITS:
         n = recipe["scenes"].get(split, 0)
@@ -317,8 +320,8 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
             for o in ann["objects"]:
                 oc[NAMES.index(o["class"])] += 1
             if split == "train":
-                s1 += ann["sum"]
-                s2 += ann["sumsq"]
+                s1 += np.array(ann["sum"], np.int64)
+                s2 += np.array(ann["sumsq"], np.int64)
         pixels[split] = px.tolist()
         objects[split] = oc.tolist()
         if split == "train":
@@ -327,8 +330,8 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     freq = np.array(pixels[ref], float) / max(1, sum(pixels[ref]))
     if npx == 0:  # no train split: fall back to all scenes' look
         npx = 1
-    mean = s1 / npx
-    std = np.sqrt(np.maximum(s2 / npx - mean ** 2, 1e-12))
+    mean = s1 / npx / 255.0
+    std = np.sqrt(np.maximum(s2 / npx / 255.0 ** 2 - mean ** 2, 1e-12))
     info = {
         "format": 1,
         "name": recipe["name"],
