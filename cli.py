@@ -123,6 +123,98 @@ def show_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("train")
+def train_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset folder (with dataset.json)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="unet | r2unet | attention_unet | unetpp | ternausnet | resunet (default unet)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="total epochs (default 10); with --resume it may extend the run"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<arch>)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from its last.pt"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per step (default 8)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="initial learning rate (default 1e-3)"),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="epochs after which the rate is multiplied by --gamma (default 5)"),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="learning-rate factor at each milestone (default 0.1)"),
+    dice_weight: Optional[float] = typer.Option(None, "--dice-weight", help="add this times the Dice loss to the weighted CE (default 0)"),
+    class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights", help="weight CE by dataset.json's class weights (default on)"),
+    width: Optional[int] = typer.Option(None, "--width", min=1, help="first-level feature width (default 32)"),
+    option: List[str] = typer.Option([], "--option", help="architecture option KEY=VALUE, e.g. deep_supervision=true; repeatable"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of weights, order and augmentation (default 0)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (default auto: bf16 on CPUs with native bf16, mixed precision on GPUs)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="cap on steps per epoch"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips and quarter turns (default on)"),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a segmenter (or continue one with --resume); writes best.pt, last.pt, history.csv, curves.png."""
+    from segmenter.runtime import env_world
+    from segmenter.train import TrainConfig, parse_milestones, parse_model_options, resume_config, train
+
+    given = {"data": data, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
+             "milestones": parse_milestones(milestones) if milestones is not None else None,
+             "dice_weight": dice_weight, "class_weights": class_weights, "width": width,
+             "model_options": parse_model_options(option) if option else None, "seed": seed,
+             "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
+             "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,
+             "cache": cache, "progress": progress}
+    if resume is not None:
+        config = resume_config(resume, out=out, **given)
+    else:
+        given = {k: v for k, v in given.items() if v is not None}
+        config = TrainConfig(out=str(out or Path("runs") / given.get("arch", "unet")), **given)
+    main_rank = env_world()[0] == 0
+    try:
+        s = train(config)
+    except KeyboardInterrupt:
+        if main_rank:
+            typer.echo(f"interrupted: saved {Path(config.out) / 'last.pt'}; continue with: "
+                       f"cli train --resume {config.out}", err=True)
+        raise typer.Exit(130)
+    if not main_rank:
+        return
+    best = s["best"] or {}
+    typer.echo(f"{s['out']}: {s['epoch']}/{s['epochs']} epochs, {s['global_step']} steps, "
+               f"{s['images_per_s'] or 0:.1f} train img/s ({s['precision']} on {s['device']}, {s['world_size']} process(es))")
+    if best:
+        typer.echo(f"best epoch {best['epoch']}: pixel accuracy {best['pixel_accuracy']:.4f}, "
+                   f"val loss {best['val_loss']:.4f}, mIoU {best['miou']:.4f}  -> {s['best_path']}")
+    if s["stopped"]:
+        typer.echo(f"stopped ({s['stopped']}) with a resumable {s['last_path']}; continue with: "
+                   f"cli train --resume {s['out']}")
+    else:
+        typer.echo(f"evaluate with: cli evaluate --model {s['best_path']} --data {s['data']} --split test")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset folder (default: the one the model was trained on)"),
+    split: str = typer.Option("test", "--split"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, confusion.csv/.png (default <model dir>/<stem>-<split>)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(0, "--workers", min=0),
+) -> None:
+    """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix."""
+    from bloodcells.imageio import read_json
+    from segmenter.checkpoint import sidecar
+    from segmenter.evaluate import evaluate, format_table
+
+    if data is None and model.is_file():
+        trained_on = sidecar(model).is_file() and read_json(sidecar(model)).get("data")
+        if not trained_on:
+            raise BloodcellsError(f"{model}: no record of its dataset; pass --data")
+        data = Path(trained_on)
+    result = evaluate(model, data or Path("."), split, out, batch_size=batch_size, precision=precision, workers=workers,
+                      device=device)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {result['out']}/metrics.json, confusion.csv, confusion.png")
+
+
 def main() -> None:
     """Entry point: user errors print as one line and exit 1, with no traceback."""
     try:
