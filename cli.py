@@ -136,6 +136,7 @@ def train_cmd(
     gamma: Optional[float] = typer.Option(None, "--gamma", help="learning-rate factor at each milestone (default 0.1)"),
     dice_weight: Optional[float] = typer.Option(None, "--dice-weight", help="add this times the Dice loss to the weighted CE (default 0)"),
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights", help="weight CE by dataset.json's class weights (default on)"),
+    weight_power: Optional[float] = typer.Option(None, "--weight-power", min=0.0, help="raise the class weights to this power: 1 median-frequency (default), 0.5 milder, 0 none"),
     width: Optional[int] = typer.Option(None, "--width", min=1, help="first-level feature width (default 32)"),
     option: List[str] = typer.Option([], "--option", help="architecture option KEY=VALUE, e.g. deep_supervision=true; repeatable"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of weights, order and augmentation (default 0)"),
@@ -155,7 +156,7 @@ def train_cmd(
 
     given = {"data": data, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
              "milestones": parse_milestones(milestones) if milestones is not None else None,
-             "dice_weight": dice_weight, "class_weights": class_weights, "width": width,
+             "dice_weight": dice_weight, "class_weights": class_weights, "weight_power": weight_power, "width": width,
              "model_options": parse_model_options(option) if option else None, "seed": seed,
              "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
              "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,

@@ -1,7 +1,6 @@
 """Pictures of a composed dataset: scenes beside their colour-coded label maps, with a legend."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2

@@ -55,6 +55,7 @@ class TrainConfig:
     gamma: float = 0.1
     dice_weight: float = 0.0
     class_weights: bool = True
+    weight_power: float = 1.0  # class weights are raised to this power: 1 = median-frequency, 0.5 = milder
     augment: bool = True
     seed: int = 0
     precision: str = "auto"
@@ -194,7 +195,7 @@ class _Run:
             self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         else:
             self.mean, self.std = info.mean, info.std
-            self.class_weights = info.loss_weights() if cfg.class_weights else None
+            self.class_weights = info.loss_weights() ** cfg.weight_power if cfg.class_weights else None
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
                                              augment=cfg.augment, seed=cfg.seed, cache=cfg.cache)
         self.val_set = SegmentationDataset(cfg.data, cfg.val_split, self.mean, self.std,  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import Down, TwoConv, UpCat, check_input, check_sizes, init_weights, widths
+from segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
 
 
 class AttentionGate(nn.Module):
@@ -38,15 +38,13 @@ class AttentionGate(nn.Module):
         return self.out(self.attention(x, g) * x)
 
 
-class AttentionUNet(nn.Module):
+class AttentionUNet(EncoderDecoder):
     """The U-Net with an attention gate on every skip, gated by the next-coarser decoder feature."""
 
     arch: ClassVar[str] = "attention_unet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels, "width": width}
+        super().__init__(num_classes, in_channels, width)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [TwoConv(in_channels, f[0])] + [Down(f[i - 1], f[i]) for i in range(1, 5)])
@@ -57,15 +55,6 @@ class AttentionUNet(nn.Module):
         self.head = nn.Conv2d(f[0], num_classes, kernel_size=1)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
-        check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        x = skips.pop()
-        for gate, up in zip(self.gates, self.decoder):
-            skip = skips.pop()
-            x = up(x, gate(skip, g=x))
-        return self.head(x)
+    def fuse(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Gate the skip with the coarser decoder feature before fusing them."""
+        return self.decoder[level](x, self.gates[level](skip, g=x))

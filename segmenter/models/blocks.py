@@ -96,3 +96,32 @@ def check_sizes(num_classes: int, in_channels: int, width: int) -> None:
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BloodcellsError(f"{name} must be a positive integer; got {value!r}")
+
+
+class EncoderDecoder(nn.Module):
+    """A U-shaped net: `encoder` levels, a bottom-up `decoder` fusing skips, a 1x1 `head`.
+
+    Subclasses build those three parts; `fuse` is where one decoder level meets its skip."""
+
+    arch: str = ""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int, **extra) -> None:
+        super().__init__()
+        check_sizes(num_classes, in_channels, width)
+        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels,
+                       "width": width, **extra}
+
+    def fuse(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.decoder[level](x, skip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
+        check_input(x)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for level in range(len(self.decoder)):
+            x = self.fuse(level, x, skips.pop())
+        return self.head(x)

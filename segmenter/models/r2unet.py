@@ -9,7 +9,7 @@ from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from segmenter.models.blocks import ConvBNReLU, Down, UpCat, check_input, check_sizes, init_weights, widths
+from segmenter.models.blocks import EncoderDecoder, ConvBNReLU, Down, UpCat, init_weights, widths
 
 
 class RecurrentConv(nn.Module):
@@ -47,19 +47,16 @@ class RRCNNBlock(nn.Module):
         return x + self.body(x)
 
 
-class R2UNet(nn.Module):
+class R2UNet(EncoderDecoder):
     """The U-Net layout with every TwoConv replaced by an RRCNN block (t recurrent steps)."""
 
     arch: ClassVar[str] = "r2unet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
                  t: int = 2) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
         if not isinstance(t, int) or t < 1:
             raise BloodcellsError(f"r2unet: recurrence steps t must be a positive integer; got {t!r}")
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels,
-                       "width": width, "t": t}
+        super().__init__(num_classes, in_channels, width, t=t)
         f = widths(width)
         block = partial(RRCNNBlock, t=t)
         self.encoder = nn.ModuleList(
@@ -73,14 +70,3 @@ class R2UNet(nn.Module):
             if isinstance(m, RRCNNBlock):
                 nn.init.kaiming_normal_(m.project.weight, nonlinearity="linear")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
-        check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        x = skips.pop()
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.head(x)

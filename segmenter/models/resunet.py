@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import UpCat, check_input, check_sizes, init_weights, widths
+from segmenter.models.blocks import EncoderDecoder, UpCat, init_weights, widths
 
 
 class ResidualUnit(nn.Module):
@@ -40,15 +40,13 @@ class ResidualUnit(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-class ResUNet(nn.Module):
+class ResUNet(EncoderDecoder):
     """U-Net layout built from residual units; strided convs downsample, UpCat upsamples."""
 
     arch: ClassVar[str] = "resunet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels, "width": width}
+        super().__init__(num_classes, in_channels, width)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [ResidualUnit(in_channels, f[0], preactivate=False)]
@@ -58,14 +56,3 @@ class ResUNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(f[0]), nn.ReLU(inplace=True), nn.Conv2d(f[0], num_classes, 1))
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
-        check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        x = skips.pop()
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.head(x)

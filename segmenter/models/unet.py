@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import Down, TwoConv, UpCat, check_input, check_sizes, init_weights, widths
+from segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
 
 
-class UNet(nn.Module):
+class UNet(EncoderDecoder):
     """Four-step encoder/decoder of TwoConv blocks; returns per-pixel class logits.
 
     width=32 gives features 32-64-128-256-512, half of the paper's 64..1024. 'Same'
@@ -20,9 +19,7 @@ class UNet(nn.Module):
     arch: ClassVar[str] = "unet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels, "width": width}
+        super().__init__(num_classes, in_channels, width)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [TwoConv(in_channels, f[0])] + [Down(f[i - 1], f[i]) for i in range(1, 5)])
@@ -31,14 +28,3 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(f[0], num_classes, kernel_size=1)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
-        check_input(x)
-        skips = []
-        for block in self.encoder:
-            x = block(x)
-            skips.append(x)
-        x = skips.pop()
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.head(x)

@@ -1,0 +1,278 @@
+"""Inference on images of any size and magnification: sliding-window tiles, blending, rescaling, RBC-size estimate.
+
+Tiles: the image (reflect-padded to at least one tile) is cut into `tile`-sized windows that
+overlap by `overlap`; each window's class probabilities (softmax of the logits) are weighted by a
+separable Gaussian window (sigma = tile / 4, so a tile's centre counts about 7x its edge) and the
+weighted mean is taken, so seams between tiles vanish.
+
+Scale: the model was trained at 40x, where a healthy RBC is 37 px across. `scale=f` resizes the
+input by f before prediction; the class probabilities are resized back to the input's size with
+linear interpolation and the argmax is taken there (smoother borders than resizing the label map
+with nearest neighbour). `scale="auto"` uses f = 37 / estimate_rbc_diameter(image).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import cv2
+import numpy as np
+import torch
+from skimage.filters import threshold_multiotsu
+from torch import nn
+
+from bloodcells.classes import BY_NAME
+from bloodcells.errors import BloodcellsError
+from segmenter.runtime import Runtime, resolve_precision
+
+RBC_DIAMETER_40X = BY_NAME["healthy_rbc"].diameter_40x  # 37 px: the size the models were trained at
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Window offsets along one axis: a stride of tile * (1 - overlap), the last window flush with the end."""
+    if length <= tile:
+        return [0]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def blend_window(tile: int) -> np.ndarray:
+    """The (tile, tile) Gaussian weight of a tile's pixels: 1 at the centre, about 0.14 at the edges."""
+    x = np.arange(tile, dtype=np.float64) - (tile - 1) / 2.0
+    w = np.exp(-0.5 * (x / (tile / 4.0)) ** 2)
+    return np.outer(w, w).astype(np.float32)
+
+
+def _pad_to(image: np.ndarray, tile: int) -> np.ndarray:
+    """Reflect-pad the bottom and right edges so that both sides are at least `tile`."""
+    h, w = image.shape[:2]
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    if not ph and not pw:
+        return image
+    mode = "reflect" if min(h, w) > 1 else "symmetric"  # np 'reflect' repeats the reflection when pad > size
+    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+def _runtime(model: nn.Module, precision: str, device: str | torch.device | None) -> Runtime:
+    """The device the model lives on (or `device`) with the precision resolved for it."""
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        dev = p.device if p is not None else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    return Runtime(dev, resolve_precision(precision, dev), channels_last=dev.type == "cpu" or dev.type == "cuda")
+
+
+def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Softmax class probabilities (N, C, h, w) in float32 for one batch of normalised tiles."""
+    with torch.inference_mode(), rt.autocast():
+        out = model(rt.batch(x))
+    if isinstance(out, (list, tuple)):  # deep supervision heads: average them, as in eval mode
+        out = torch.stack([o.float() for o in out]).mean(dim=0)
+    return torch.softmax(out.float(), dim=1)
+
+
+def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, tile: int = 224,
+                   overlap: float = 0.25, batch: int = 8, precision: str = "auto",
+                   device: str | torch.device | None = None) -> np.ndarray:
+    """Class probabilities (C, H, W) float32 of a uint8 RGB image of any size, blended over overlapping tiles."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+    if not 0.0 <= overlap < 1.0:
+        raise BloodcellsError(f"--overlap {overlap}: must be at least 0 and below 1, e.g. 0.25")
+    if tile < 1 or batch < 1:
+        raise BloodcellsError(f"tile {tile} and batch {batch} must be positive")
+    model.eval()
+    rt = _runtime(model, precision, device)
+    h, w = image.shape[:2]
+    padded = _pad_to(image, tile)
+    ph, pw = padded.shape[:2]
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    window = torch.from_numpy(blend_window(tile))
+    boxes = [(y, x) for y in tile_starts(ph, tile, overlap) for x in tile_starts(pw, tile, overlap)]
+    acc: torch.Tensor | None = None
+    weight = torch.zeros(ph, pw, dtype=torch.float32)
+    src = torch.from_numpy(np.ascontiguousarray(padded))
+    for i in range(0, len(boxes), batch):
+        part = boxes[i:i + batch]
+        x = torch.stack([src[y:y + tile, x0:x0 + tile] for y, x0 in part]).permute(0, 3, 1, 2).float()
+        x = (x / 255.0 - mean) / std
+        probs = _forward(model, x, rt).cpu()
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], ph, pw, dtype=torch.float32)
+        for (y, x0), p in zip(part, probs):
+            acc[:, y:y + tile, x0:x0 + tile] += p * window
+            weight[y:y + tile, x0:x0 + tile] += window
+    assert acc is not None
+    acc /= weight
+    return acc[:, :h, :w].contiguous().numpy()
+
+
+def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """Resize by `factor` (area averaging when shrinking, linear when enlarging); at least 1x1."""
+    if factor == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, int(round(w * factor))), max(1, int(round(h * factor))))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def labels_at(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Argmax class map (uint8) of probabilities (C, h, w) resized linearly to size (H, W), one class at a time."""
+    h, w = size
+    if probs.shape[1:] == (h, w):
+        return probs.argmax(axis=0).astype(np.uint8)
+    best = np.full((h, w), -1.0, np.float32)
+    label = np.zeros((h, w), np.uint8)
+    for c in range(probs.shape[0]):
+        p = cv2.resize(probs[c], (w, h), interpolation=cv2.INTER_LINEAR)
+        better = p > best
+        best[better] = p[better]
+        label[better] = c
+    return label
+
+
+@dataclass
+class Prediction:
+    """One image's prediction: labels at the input's size, labels at model scale (for counting), the factor used."""
+
+    labels: np.ndarray  # uint8 (H, W) at the input's own size
+    model_labels: np.ndarray  # uint8 at model scale (input resized by `scale`): cell areas there match 40x
+    scale: float
+    rbc_diameter: float | None = None  # the estimate behind scale='auto'
+
+
+def parse_scale(value: str | float | None) -> float | None:
+    """'auto' -> None (estimate per image); a positive number -> that factor."""
+    if value is None:
+        return 1.0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        f = float(value)
+    except ValueError:
+        raise BloodcellsError(f"--scale {value!r}: give 'auto' or a positive factor such as 0.36") from None
+    if not math.isfinite(f) or f <= 0 or f > 20:
+        raise BloodcellsError(f"--scale {value!r}: the factor must be above 0 and at most 20, e.g. 0.36 or auto")
+    return f
+
+
+def auto_scale(image: np.ndarray) -> tuple[float, float]:
+    """(factor, estimated RBC diameter px) that brings the image's RBCs to the 40x size of 37 px."""
+    d = estimate_rbc_diameter(image)
+    return RBC_DIAMETER_40X / d, d
+
+
+def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,
+            tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
+            device: str | torch.device | None = None) -> Prediction:
+    """Predict an image at `scale` (a factor, 'auto' or None for auto); labels come back at the input's size."""
+    factor = parse_scale(scale) if not isinstance(scale, (int, float)) else float(scale)
+    diameter = None
+    if factor is None:
+        factor, diameter = auto_scale(image)
+    small = resize_image(image, factor)
+    probs = predict_logits(model, meta, small, tile=tile, overlap=overlap, batch=batch, precision=precision,
+                           device=device)
+    model_labels = probs.argmax(axis=0).astype(np.uint8)
+    labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])
+    return Prediction(labels, model_labels, factor, diameter)
+
+
+def predict_labels(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,
+                   **kwargs: Any) -> np.ndarray:
+    """uint8 class-index map (H, W) at the input's own size (see `predict` for the options)."""
+    return predict(model, meta, image, scale, **kwargs).labels
+
+
+# --- RBC size estimate ---------------------------------------------------------------------------
+
+def cell_signal(image: np.ndarray) -> np.ndarray:
+    """0..1 'how much cell' per pixel: Lab distance from the background colour, 0 on background, 1 inside cells.
+
+    The background is the light colour of the brightest 10% of pixels; a three-class Otsu of the distance
+    splits background / cells / dark stained parts, and the ramp from 0.3x to 1x the background-cell threshold
+    makes RBC bodies (pale centres included) flat 1 so that only cell outlines have gradients; stained
+    nuclei and parasites, above the ramp, vanish too.
+    """
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    light = lab[..., 0] >= np.percentile(lab[..., 0], 90)
+    bg = np.median(lab[light], axis=0)
+    d = np.linalg.norm((lab - bg) * np.array([0.5, 1.0, 1.0], np.float32), axis=2)
+    try:
+        t0 = float(threshold_multiotsu(d, classes=3)[0])
+    except ValueError:  # a flat image: no cells to measure
+        t0 = 0.0
+    if t0 <= 0:
+        return np.zeros(d.shape, np.float32)
+    return np.clip((d - 0.3 * t0) / (0.7 * t0), 0.0, 1.0).astype(np.float32)
+
+
+def symmetry_scores(signal: np.ndarray, radii: np.ndarray, spread: float = 0.12) -> np.ndarray:
+    """Radial-symmetry score per candidate radius: how sharply the outlines' inward votes at that distance meet.
+
+    Every outline pixel votes, with its gradient magnitude, for the point `r` px inside along its gradient; for
+    round cells of radius r the votes meet at the centres. The vote map is blurred by sigma = spread * r and
+    scored as sum(B^4) / sigma^2 with B = blurred * sigma^2 / r: a fully exposed circle then scores the same
+    at every size, so a rescaled image gives the same curve shifted by the scale factor.
+    """
+    h, w = signal.shape
+    f = cv2.GaussianBlur(signal, (0, 0), 1.0)
+    gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    mag = np.hypot(gx, gy)
+    top = float(np.percentile(mag, 99))
+    if top <= 0:
+        return np.zeros(len(radii))
+    ys, xs = np.nonzero(mag > 0.1 * top)
+    m = mag[ys, xs]
+    ux, uy = gx[ys, xs] / m, gy[ys, xs] / m
+    scores = np.zeros(len(radii))
+    for i, r in enumerate(radii):
+        tx = np.rint(xs + r * ux).astype(np.int64)
+        ty = np.rint(ys + r * uy).astype(np.int64)
+        ok = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+        votes = np.bincount(ty[ok] * w + tx[ok], weights=m[ok], minlength=h * w).astype(np.float32)
+        sigma = max(0.8, spread * r)
+        b = cv2.GaussianBlur(votes.reshape(h, w), (0, 0), sigma) * (sigma * sigma / r)
+        scores[i] = float(np.sum(b.astype(np.float64) ** 4)) / (sigma * sigma)
+    return scores
+
+
+def estimate_rbc_diameter(image: np.ndarray, max_pixels: int = 1_500_000) -> float:
+    """Typical RBC diameter in px: the radius at which cell outlines are most circular (radial-symmetry votes).
+
+    Touching and overlapping cells keep their exposed arcs, which still vote for their own centres, so the
+    estimate holds on dense smears where thresholding and watershed splitting merge cells. Each radius's
+    score is weighted by r (an object's weight grows with its size, so specks and noise do not win by
+    numbers; the weight is a power of r, so the peak still moves exactly with a rescale). Images above
+    `max_pixels` are measured shrunk and the result scaled back. Raises BloodcellsError when no cell
+    outline is found.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    shrink = min(1.0, math.sqrt(max_pixels / float(h * w)))
+    img = resize_image(image, shrink) if shrink < 1 else image
+    signal = cell_signal(img)
+    short = min(signal.shape)
+    hi = short / 3.0
+    if hi <= 3.0:
+        raise BloodcellsError(f"image of {w}x{h} px is too small to estimate the cell size; pass --scale FACTOR")
+    radii = np.geomspace(3.0, hi, max(8, int(math.log(hi / 3.0) / math.log(1.035)) + 1))
+    scores = symmetry_scores(signal, radii) * radii
+    if not np.any(scores > 0):
+        raise BloodcellsError("found no cell outlines to estimate the RBC size (blank image?); pass --scale FACTOR")
+    k = int(np.argmax(scores))
+    offset = 0.0
+    if 0 < k < len(radii) - 1 and np.all(scores[k - 1:k + 2] > 0):
+        y0, y1, y2 = np.log(scores[k - 1:k + 2])
+        den = y0 - 2 * y1 + y2
+        if den < 0:  # a proper maximum: refine between grid points with a parabola in log-log
+            offset = float(np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5))
+    step = math.log(radii[1] / radii[0])
+    radius = math.exp(math.log(radii[k]) + offset * step)
+    return 2.0 * radius / shrink
