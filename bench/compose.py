@@ -42,8 +42,8 @@ def main() -> None:
         ref = Path(tmp) / "w"
         t0 = time.perf_counter()
         for k, (img, lab) in enumerate(arrays):
-            write_bytes_atomic(ref / "images" / f"{k:06d}.png", encode_png(img, level=1))
-            write_bytes_atomic(ref / "labels" / f"{k:06d}.png", encode_png(lab, level=1))
+            write_bytes_atomic(ref / "images" / f"{k:06d}.png", encode_png(img, level=1, png_filter="sub"))
+            write_bytes_atomic(ref / "labels" / f"{k:06d}.png", encode_png(lab, level=1, png_filter="none"))
         t_write = time.perf_counter() - t0
         shutil.rmtree(ref)
     n = a.scenes

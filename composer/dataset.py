@@ -112,23 +112,25 @@ class Composer:
     def canvas(self, plan: ScenePlan):
         if self._canvas is None or self._canvas[0] != plan.canvas:
             rng = np.random.default_rng([self.r["seed"], SPLIT_ID[self.split], 1, plan.canvas])
-            self._canvas = (plan.canvas, rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind,
-                                                    self.pools.get("healthy_rbc", []),
-                                                    self.pools.get("infected_rbc", []), self.r))
+            img, label, placed = rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind,
+                                            self.pools.get("healthy_rbc", []), self.pools.get("infected_rbc", []),
+                                            self.r)
+            boxes = np.array([p.bbox for p in placed], np.int64).reshape(-1, 4)
+            self._canvas = (plan.canvas, (img, label, placed, boxes))
         return self._canvas[1]
 
     def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
         """(RGB uint8, label uint8, annotation dict) of one scene."""
         plan = self.plans[index]
-        cimg, clab, cobj = self.canvas(plan)
+        cimg, clab, cobj, boxes = self.canvas(plan)
         r, S = self.r, self.r["scene_size"]
         rng = np.random.default_rng([r["seed"], SPLIT_ID[self.split], 2, index])
         size = cimg.shape[0]
         x0, y0 = (int(v) for v in rng.integers(0, size - S + 1, 2))
         img = cimg[y0:y0 + S, x0:x0 + S].copy()
         label = clab[y0:y0 + S, x0:x0 + S].copy()
-        objects = [self._shift(p, x0, y0, label) for p in cobj
-                   if p.bbox[0] < x0 + S and p.bbox[2] > x0 and p.bbox[1] < y0 + S and p.bbox[3] > y0]
+        inside = np.flatnonzero((boxes[:, 0] < x0 + S) & (boxes[:, 2] > x0) & (boxes[:, 1] < y0 + S) & (boxes[:, 3] > y0))
+        objects = [self._shift(cobj[k], x0, y0, label) for k in inside]
         objects = [o for o in objects if o is not None]
         lo, hi = r["objects"]["count"]
         w = r["objects"]["weights"]
@@ -217,8 +219,8 @@ def _render_block(task: tuple[str, list[int]]) -> int:
         img, label, ann = comp.scene(i)
         ann.update(scene_stats(img, label))
         ip, lp, ap = scene_paths(_STATE["out"], split, ann["id"])
-        write_bytes_atomic(ip, encode_png(img, level=1))
-        write_bytes_atomic(lp, encode_png(label, level=1))
+        write_bytes_atomic(ip, encode_png(img, level=1, png_filter="sub"))
+        write_bytes_atomic(lp, encode_png(label, level=1, png_filter="none"))
         write_bytes_atomic(ap, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
     return len(indices)
 
