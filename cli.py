@@ -216,6 +216,143 @@ def evaluate_cmd(
     typer.echo(f"wrote {result['out']}/metrics.json, confusion.csv, confusion.png")
 
 
+@app.command("predict")
+def predict_cmd(
+    inputs: List[str] = typer.Argument(..., help="images, folders of images or glob patterns"),
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    out: Path = typer.Option(Path("preds"), "--out", help="folder for <stem>.png, <stem>_color.png and counts.csv"),
+    scale: str = typer.Option("1", "--scale", help="resize factor to the model's 40x scale (e.g. 0.36), or auto: estimate the RBC size per image"),
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset whose mean cell areas split touching cells (default: the checkpoint's, else the class table)"),
+    tile: int = typer.Option(224, "--tile", help="sliding-window size (a multiple of 32)"),
+    overlap: float = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)"),
+    batch: int = typer.Option(8, "--batch", min=1, help="tiles per forward pass"),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    device: str = typer.Option("auto", "--device"),
+    force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Class-index maps, colour maps and cell counts of real smears of any size (re-runs skip what is done)."""
+    from segmenter.predict import predict_files
+
+    s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
+                      device=device, force=force, data=data, progress=progress)
+    typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
+               f"(cell areas from {s.areas_source})")
+    cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
+    typer.echo(f"cells: {cells or 'none'}  -> {out / 'counts.csv'}")
+    for line in s.failed:
+        typer.echo(f"skipped: {line}", err=True)
+    if not s.ok:
+        raise BloodcellsError("no input could be predicted; see the skipped lines above")
+
+
+@app.command("colorize")
+def colorize_cmd(
+    inputs: List[str] = typer.Argument(..., help="images, folders, glob patterns or videos (frames in order)"),
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    out: Path = typer.Option(Path("result.gif"), "--out", help="result.gif or result.mp4"),
+    scale: str = typer.Option("1", "--scale", help="resize factor to 40x, or auto (estimated once per image or video)"),
+    layout: str = typer.Option("side", "--layout", help="side (image | colour map) | overlay | map"),
+    fps: float = typer.Option(5.0, "--fps", help="frames per second of the result (GIF: 1000/fps ms a frame)"),
+    every: int = typer.Option(1, "--every", min=1, help="video input: use every N-th frame"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="stop after this many frames"),
+    width: Optional[int] = typer.Option(None, "--width", min=16, help="resize frames to this width (default: as rendered)"),
+    tile: int = typer.Option(224, "--tile"),
+    overlap: float = typer.Option(0.25, "--overlap"),
+    batch: int = typer.Option(8, "--batch", min=1),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    device: str = typer.Option("auto", "--device"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """An animated GIF or an MP4 of smears (or a video's frames) beside their colour-coded predictions."""
+    from segmenter.predict import colorize_run
+
+    r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
+                     width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
+                     progress=progress)
+    for line in r["failed"]:
+        typer.echo(f"skipped: {line}", err=True)
+    typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
+               f"(scale {r['scale_min']:.3f}..{r['scale_max']:.3f})")
+
+
+@app.command("evaluate-real")
+def evaluate_real_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    voc: Optional[Path] = typer.Option(None, "--voc", help="Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/)"),
+    yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO folder (images/, labels/, classes.txt)"),
+    split: str = typer.Option("test", "--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/; all: every image"),
+    scale: str = typer.Option("auto", "--scale", help="resize factor to 40x, or auto (per image)"),
+    iou: float = typer.Option(0.3, "--iou", help="a component matches a box when their IoU is at least this"),
+    min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop components below this share of one cell's area"),
+    wbc_labels: Optional[Path] = typer.Option(None, "--wbc-labels", help="CSV Image,Category of WBC subtypes (BCCD: wbc_subtype_labels_mooney.csv)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json (default <model dir>/<stem>-real-<split>)"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="only the first N images"),
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset for the expected cell areas"),
+    tile: int = typer.Option(224, "--tile"),
+    overlap: float = typer.Option(0.25, "--overlap"),
+    batch: int = typer.Option(8, "--batch", min=1),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    device: str = typer.Option("auto", "--device"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Recall / precision / F1 per RBC, WBC and platelet group on real smears with boxes; WBC subtype accuracy."""
+    from segmenter.realeval import evaluate_real, format_table
+
+    if (voc is None) == (yolo is None):
+        raise BloodcellsError("give exactly one of --voc FOLDER or --yolo FOLDER")
+    result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
+                           iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
+                           tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
+                           progress=progress)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {result['out']}/metrics.json")
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Path = typer.Option(Path("quickstart"), "--out", help="folder for everything it makes"),
+    minutes: float = typer.Option(4.0, "--minutes", min=0.1, help="training time budget"),
+    sprites: Optional[Path] = typer.Option(None, "--sprites", help="a sprite bank (default: the built-in sprites)"),
+) -> None:
+    """The whole pipeline in one go: compose a small set, train a small U-Net, predict, write a GIF."""
+    import time
+
+    from composer.dataset import compose, sprite_pools
+    from composer.recipe import load_recipe
+    from segmenter.evaluate import evaluate
+    from segmenter.predict import colorize_run, predict_files
+    from segmenter.train import TrainConfig, train
+
+    t0 = time.time()
+    data, run, preds = out / "data", out / "run", out / "predictions"
+    r = load_recipe("quickstart")
+    pools, info = sprite_pools(sprites, r)
+    typer.echo(f"1/4 compose {sum(r['scenes'].values())} scenes from "
+               f"{'the built-in default sprites' if sprites is None else sprites} -> {data}")
+    compose(r, pools, data, info, workers=2)
+    typer.echo(f"2/4 train a U-Net (width 16) for up to {minutes:g} min -> {run}")
+    resume = str(run) if (run / "last.pt").is_file() else None
+    cfg = TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=40, steps_per_epoch=40,
+                      milestones=(30,), lr=2e-3, dice_weight=0.5, weight_power=0.5, max_minutes=minutes,
+                      resume=resume)
+    s = train(cfg)
+    typer.echo("3/4 evaluate on the test split")
+    m = evaluate(run / "best.pt", data, "test", out=run / "test")
+    typer.echo("4/4 predict the test scenes and render them")
+    tests = sorted((data / "test" / "images").glob("*.png"))[:24]
+    summary = predict_files(run / "best.pt", tests, preds, progress=False)
+    gif = out / "predictions.gif"
+    colorize_run(run / "best.pt", tests, gif, progress=False)
+    typer.echo(f"done in {(time.time() - t0) / 60:.1f} min: test pixel accuracy {m['pixel_accuracy']:.3f}, "
+               f"mIoU {m['miou']:.3f} after {s.get('epoch', '?')} epochs")
+    typer.echo(f"  scenes      {data}  (look: cli show {data})")
+    typer.echo(f"  model       {run / 'best.pt'}  (curves: {run / 'curves.png'})")
+    typer.echo(f"  evaluation  {run / 'test'}  (confusion.png, metrics.json)")
+    typer.echo(f"  predictions {preds}  ({len(summary.done) + len(summary.resumed)} maps, counts.csv)")
+    typer.echo(f"  animation   {gif}")
+
+
 def main() -> None:
     """Entry point: user errors print as one line and exit 1, with no traceback."""
     try:

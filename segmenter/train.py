@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import write_bytes_atomic, write_png
+from bloodcells.imageio import read_json, write_bytes_atomic, write_png
 from segmenter.charts import training_curves
+from segmenter.count import expected_areas
 from segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
 from segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, read_dataset_info
 from segmenter.evaluate import json_safe, run_model
@@ -188,6 +189,9 @@ class _Run:
                 raise BloodcellsError(f"{last_checkpoint(cfg.resume)}: holds no training state; it cannot be resumed")
             self._check_same_run(TrainConfig.from_dict(payload["training"]["config"]))
         info = read_dataset_info(cfg.data)  # type: ignore[arg-type]
+        # mean visible area per object and class, for counting cells in predicted maps later
+        self.cell_area = {NAMES[k]: round(v, 1) for k, v in
+                          expected_areas(read_json(Path(cfg.data) / "dataset.json")).items()}  # type: ignore[arg-type]
         if payload is not None:
             norm = payload["normalization"]
             self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
@@ -286,7 +290,7 @@ class _Run:
             "device": str(self.rt.device), "world_size": self.rt.world, "seed": self.cfg.seed,
             "data": self.cfg.data, "train_images": len(self.train_set), "val_images": len(self.val_set),
             "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
-            "best": self.best, "history": self.history, "stopped": stopped,
+            "best": self.best, "history": self.history, "stopped": stopped, "cell_area": self.cell_area,
         })
 
     def save(self, name: str, stopped: str | None, collective: bool = True) -> Path:

@@ -1,0 +1,285 @@
+"""Prediction runs over many inputs: expand files / folders / globs, predict, write maps and counts, resume.
+
+Output contract (../shared/DESIGN.md, "Prediction output"), per input image with output stem <stem>:
+  DIR/<stem>.png        uint8 class-index map at the input's own size
+  DIR/<stem>_color.png  the colour map (class table colours)
+  DIR/counts.csv        one row per image: image (= <stem>), scale (the factor used), one column per class
+                        name in class-table order (background is always 0)
+  DIR/sources.json      stem -> source file: a re-run gives each input the stem it had before
+Stems are the file stems; a stem already taken gets its folder's name in front (<folder>_<stem>), then
+-2, -3 ... Every file is written atomically; a re-run skips inputs whose outputs exist unless `force`.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from bloodcells.classes import NAMES, NUM_CLASSES, colorize
+from bloodcells.errors import BloodcellsError
+from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_json, write_png
+from segmenter.checkpoint import load_model
+from segmenter.count import count_cells, resolve_areas
+from segmenter.infer import Prediction, auto_scale, parse_scale, predict
+from segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
+from segmenter.runtime import pick_device
+
+COUNTS_HEADER = ("image", "scale", *NAMES)
+SOURCES = "sources.json"  # stem -> source file, so that a re-run gives every input the same stem
+GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(items: Sequence[str | Path], videos: bool = False) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images) and globs -> unique paths in order, and a line per item matching nothing."""
+    suffixes = IMAGE_SUFFIXES | (VIDEO_SUFFIXES if videos else set())
+    kinds = "image or video" if videos else "image"
+    found: list[Path] = []
+    problems: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            hits = [q for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in suffixes] if videos \
+                else list_images(p)
+            if not hits:
+                problems.append(f"{p}: folder holds no {kinds} files ({', '.join(sorted(suffixes))}); check the path")
+        elif p.is_file():
+            hits = [p]
+        elif GLOB_CHARS & set(str(item)):
+            hits = [Path(q) for q in sorted(glob.glob(str(item), recursive=True))
+                    if Path(q).is_file() and Path(q).suffix.lower() in suffixes]
+            if not hits:
+                problems.append(f"{item}: pattern matches no {kinds} file; check the pattern (quote it for the shell)")
+        else:
+            hits = []
+            problems.append(f"{p}: no such file or folder; check the path")
+        found.extend(hits)
+    seen: set[Path] = set()
+    unique = []
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, problems
+
+
+def output_stems(paths: Sequence[Path], known: dict[str, str] | None = None) -> list[str]:
+    """One output stem per input, stable across runs: a source already in `known` (stem -> source) keeps its stem;
+    otherwise the file stem, or when taken <folder>_<stem>, then <stem>-2, -3 ..."""
+    known = dict(known or {})
+    owner = {src: stem for stem, src in known.items()}
+    out: list[str] = []
+    for p in paths:
+        src = str(p.resolve())
+        if src in owner:
+            out.append(owner[src])
+            continue
+        options = [p.stem] + ([f"{p.parent.name}_{p.stem}"] if p.parent.name else [])
+        name = next((o for o in options if o not in known), None)
+        k = 1
+        while name is None or name in known:
+            k += 1
+            name = f"{p.stem}-{k}"
+        known[name] = src
+        owner[src] = name
+        out.append(name)
+    return out
+
+
+def read_counts(path: Path) -> dict[str, dict[str, str]]:
+    """Existing counts.csv rows by image (empty when the file is missing or unreadable, so a re-run rebuilds it)."""
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    return {r["image"]: r for r in rows if r.get("image")}
+
+
+def read_sources(path: Path) -> dict[str, str]:
+    """The stem -> source file record of earlier runs into the same folder (empty when missing or unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def counts_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text with COUNTS_HEADER; missing class columns are written as 0."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COUNTS_HEADER)
+    for r in rows:
+        w.writerow([r["image"], r["scale"], *(r.get(n, 0) or 0 for n in NAMES)])
+    return buf.getvalue()
+
+
+def format_scale(factor: float) -> str:
+    """The factor as written to counts.csv."""
+    return f"{factor:.4f}"
+
+
+@dataclass
+class Predictor:
+    """A loaded model with its prediction settings and the cell areas used for counting."""
+
+    model: Any
+    meta: dict[str, Any]
+    areas: dict[int, float]
+    areas_source: str
+    tile: int = 224
+    overlap: float = 0.25
+    batch: int = 8
+    precision: str = "auto"
+
+    def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
+        """Predict one image at a factor (None: estimate it)."""
+        return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
+                       batch=self.batch, precision=self.precision)
+
+
+def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
+                   precision: str = "auto", device: str = "auto", data: str | Path | None = None) -> Predictor:
+    """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
+    if tile < 32 or tile % 32:
+        raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
+                              "at most), e.g. 224")
+    if not 0.0 <= overlap <= 0.9:
+        raise BloodcellsError(f"--overlap {overlap}: must be between 0 and 0.9, e.g. 0.25")
+    if batch < 1:
+        raise BloodcellsError(f"--batch {batch}: must be at least 1")
+    model, meta = load_model(model_path, pick_device(device))
+    areas, source = resolve_areas(meta, data)
+    return Predictor(model, meta, areas, source, tile, overlap, batch, precision)
+
+
+@dataclass
+class RunSummary:
+    """What a predict run did."""
+
+    out: Path
+    done: list[str] = field(default_factory=list)  # stems predicted now
+    resumed: list[str] = field(default_factory=list)  # stems already complete, skipped
+    failed: list[str] = field(default_factory=list)  # one line per input that could not be used
+    areas_source: str = ""
+    totals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether at least one input has its outputs."""
+        return bool(self.done or self.resumed)
+
+
+def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, scale: str | float = 1.0,
+                  tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
+                  device: str = "auto", force: bool = False, data: str | Path | None = None,
+                  progress: bool = True) -> RunSummary:
+    """Predict every input into `out` (maps, colour maps, counts.csv); unreadable inputs are skipped and listed."""
+    out = Path(out)
+    factor = parse_scale(scale)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data)
+    paths, problems = expand_inputs(inputs)
+    if not paths:
+        raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
+    summary = RunSummary(out, failed=list(problems), areas_source=predictor.areas_source)
+    counts_path, sources_path = out / "counts.csv", out / SOURCES
+    rows = read_counts(counts_path)
+    known = read_sources(sources_path)
+    stems = output_stems(paths, known)
+    for stem, path in zip(stems, paths):
+        known[stem] = str(path.resolve())
+    if paths:
+        write_json(sources_path, known)
+    for path, stem in tqdm(list(zip(paths, stems)), desc="predict", unit="img", disable=not progress):
+        if not force and stem in rows and (out / f"{stem}.png").is_file() and (out / f"{stem}_color.png").is_file():
+            summary.resumed.append(stem)
+            continue
+        try:
+            image = read_rgb(path)
+            pred = predictor(image, factor)
+        except BloodcellsError as e:
+            msg = str(e)
+            summary.failed.append(msg if str(path) in msg else f"{path}: {msg}")
+            continue
+        counts = count_cells(pred.model_labels, predictor.areas)
+        write_png(out / f"{stem}.png", pred.labels)
+        write_png(out / f"{stem}_color.png", colorize(pred.labels))
+        rows[stem] = {"image": stem, "scale": format_scale(pred.scale), **counts}
+        write_bytes_atomic(counts_path, counts_csv(list(rows.values())).encode())
+        summary.done.append(stem)
+    summary.totals = {n: sum(int(rows[s].get(n, 0) or 0) for s in summary.done + summary.resumed if s in rows)
+                      for n in NAMES[1:]}
+    return summary
+
+
+def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, scale: str | float = 1.0,
+                 every: int = 1, max_frames: int | None = None, fps: float = 5.0, layout: str = "side",
+                 width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
+                 precision: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
+    out = Path(out)
+    kind = out.suffix.lower()
+    if kind not in (".gif", ".mp4"):
+        raise BloodcellsError(f"{out}: the output must end in .gif or .mp4")
+    if fps <= 0:
+        raise BloodcellsError(f"--fps {fps}: must be above 0")
+    if max_frames is not None and max_frames < 1:
+        raise BloodcellsError(f"--max-frames {max_frames}: must be at least 1")
+    if width is not None and width < 16:
+        raise BloodcellsError(f"--width {width}: must be at least 16 px")
+    factor = parse_scale(scale)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device)
+    paths, problems = expand_inputs(inputs, videos=True)
+    if not paths:
+        raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))
+    failed = list(problems)
+    auto: dict[Path, float] = {}  # one estimate per source: a video keeps its magnification
+    classes = list(range(1, NUM_CLASSES))  # a fixed legend so that every frame has the same size
+    stats = {"frames": 0, "scales": []}
+    bar = tqdm(desc="colorize", unit="frame", disable=not progress, total=max_frames)
+
+    def frames() -> Iterator[np.ndarray]:
+        for source, name, image in iter_frames(paths, every, max_frames, failed):
+            f = factor
+            try:
+                if f is None:
+                    if source not in auto:
+                        auto[source] = auto_scale(image)[0]
+                    f = auto[source]
+                pred = predictor(image, f)
+            except BloodcellsError as e:
+                failed.append(f"{source} ({name}): {e}")
+                continue
+            frame = side_by_side(image, pred.labels, classes=classes, layout=layout)
+            if width is not None and frame.shape[1] != width:
+                h = max(1, int(round(frame.shape[0] * width / frame.shape[1])))
+                frame = cv2.resize(frame, (width, h), interpolation=cv2.INTER_AREA)
+            stats["frames"] += 1
+            stats["scales"].append(pred.scale)
+            bar.update(1)
+            yield frame
+
+    try:
+        if kind == ".gif":
+            n = write_gif(out, frames(), duration_ms=int(round(1000.0 / fps)))
+        else:
+            n = write_mp4(out, frames(), fps=fps)
+    except BloodcellsError:
+        if stats["frames"] == 0 and failed:
+            raise BloodcellsError("no frame could be rendered: " + "; ".join(failed[:3])) from None
+        raise
+    finally:
+        bar.close()
+    return {"out": str(out), "frames": n, "failed": failed, "fps": fps,
+            "scale_min": min(stats["scales"]), "scale_max": max(stats["scales"])}

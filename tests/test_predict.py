@@ -1,0 +1,455 @@
+"""Prediction on real smears: tiling, scale, counting, rendering, the predict / colorize / evaluate-real commands."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from bloodcells.classes import NAMES, NUM_CLASSES, colorize, index_of
+from bloodcells.errors import BloodcellsError
+from bloodcells.imageio import read_gray, read_json, read_rgb, write_png
+from segmenter.checkpoint import save_checkpoint
+from segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
+from segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
+                             resize_image, tile_starts)
+from segmenter.models import create_model
+from segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
+from segmenter.realeval import (GTBox, greedy_match, iou_matrix, read_subtypes, read_voc, score_image,
+                                subtype_of)
+from segmenter.render import side_by_side, video_info, write_mp4
+
+HEALTHY = index_of("healthy_rbc")
+PLAIN = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models here run no slower, and a busy second core cannot stall OpenMP."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """The built-in 'tiny' recipe composed once (a couple of seconds)."""
+    from composer.dataset import compose, sprite_pools
+    from composer.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("tiny")
+    recipe = load_recipe("tiny")
+    pools, info = sprite_pools(None, recipe)
+    compose(recipe, pools, out, info, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised width-4 U-Net saved as a real checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    save_checkpoint(path, create_model("unet", width=4), [0.7, 0.6, 0.6], [0.2, 0.2, 0.2], meta={})
+    return path
+
+
+def pixelwise(seed: int = 0) -> nn.Module:
+    """A 1x1 convolution: translation-equivariant, so tiling must not change its output."""
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, NUM_CLASSES, 1).eval()
+
+
+def colour_model() -> nn.Module:
+    """A hand-set 1x1 convolution: red pixels -> healthy_rbc, white -> background (inputs 0..1, mean 0, std 1)."""
+    conv = nn.Conv2d(3, NUM_CLASSES, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.fill_(-100.0)
+        conv.weight[0, :, 0, 0] = torch.tensor([0.0, 10.0, 0.0])
+        conv.bias[0] = 0.0
+        conv.weight[HEALTHY, :, 0, 0] = torch.tensor([10.0, -10.0, 0.0])
+        conv.bias[HEALTHY] = 0.0
+    return conv.eval()
+
+
+def direct(model: nn.Module, image: np.ndarray, meta: dict) -> np.ndarray:
+    """Softmax of the model applied once to the whole image, in fp32."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return torch.softmax(model(x), dim=1)[0].numpy()
+
+
+def disks(size: tuple[int, int], centres: list[tuple[float, float]], radius: float, scale: int = 4) -> np.ndarray:
+    """White RGB image with red discs, drawn anti-aliased (supersampled)."""
+    h, w = size
+    img = np.full((h * scale, w * scale, 3), 255, np.uint8)
+    for x, y in centres:
+        cv2.circle(img, (int(x * scale), int(y * scale)), int(radius * scale), (255, 0, 0), -1)
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+
+
+# ---- tiling ---------------------------------------------------------------------------------
+
+def test_tile_layout_covers_every_pixel() -> None:
+    assert tile_starts(224, 224, 0.25) == [0]
+    s = tile_starts(500, 224, 0.25)
+    assert s[0] == 0 and s[-1] == 500 - 224 and all(b - a <= 168 for a, b in zip(s, s[1:]))
+    w = blend_window(224)
+    assert w.shape == (224, 224) and w.max() <= 1.0 and w.min() > 0.01  # corners: 0.135^2
+    assert w[112, 112] > 7 * w[0, 112] * 0.99
+
+
+def test_single_tile_equals_direct_prediction(checkpoint) -> None:
+    from segmenter.checkpoint import load_model
+
+    model, meta = load_model(checkpoint)
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    ref = direct(model, image, meta)
+    got = predict_logits(model, meta, image, precision="fp32")
+    assert got.shape == (NUM_CLASSES, 224, 224) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(380, 500), (100, 150), (225, 600), (224, 224)])
+def test_tiling_equals_whole_image_for_a_translation_equivariant_model(hw) -> None:
+    model = pixelwise()
+    image = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    got = predict_logits(model, PLAIN, image, tile=224, overlap=0.3, batch=3, precision="fp32")
+    assert got.shape == (NUM_CLASSES, *hw)
+    np.testing.assert_allclose(got, direct(model, image, PLAIN), atol=1e-5)
+    np.testing.assert_allclose(got.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_bf16_autocast_stays_close_to_fp32(checkpoint, scenes) -> None:
+    from segmenter.checkpoint import load_model
+
+    model, meta = load_model(checkpoint)
+    image = read_rgb(next((scenes / "test" / "images").glob("*.png")))
+    image = np.vstack([image, image[:100]])  # 324 x 224: two tiles with blending
+    ref = predict_logits(model, meta, image, precision="fp32")
+    low = predict_logits(model, meta, image, precision="bf16")
+    diff = np.abs(low - ref)  # bf16 keeps 8 mantissa bits: small differences, a few near-ties flip
+    assert diff.mean() < 0.002 and np.percentile(diff, 99) < 0.02 and diff.max() < 0.15
+    assert (low.argmax(0) == ref.argmax(0)).mean() > 0.97
+
+
+# ---- scale ----------------------------------------------------------------------------------
+
+def test_auto_scale_recovers_known_rescales_of_composed_scenes(scenes) -> None:
+    for path in sorted((scenes / "test" / "images").glob("*.png"))[:6]:
+        image = read_rgb(path)
+        d0 = estimate_rbc_diameter(image)
+        assert 37 * 0.85 < d0 < 37 * 1.15, (path.name, d0)
+        for f in (0.5, 1.6):
+            ratio = estimate_rbc_diameter(resize_image(image, f)) / d0
+            assert abs(ratio / f - 1) < 0.10, (path.name, f, ratio)
+
+
+def test_auto_scale_on_real_bccd_smears_is_near_the_box_size(datasets) -> None:
+    root = datasets / "bccd" / "BCCD"
+    for im in read_voc(root, "test")[:3]:
+        sides = [max(b.xyxy[2] - b.xyxy[0], b.xyxy[3] - b.xyxy[1]) for b in im.boxes if b.group == "rbc"]
+        d = estimate_rbc_diameter(read_rgb(im.path))
+        assert 0.65 < d / np.median(sides) < 1.25, (im.path.name, d, np.median(sides))
+
+
+def test_scale_parsing_and_labels_at_input_size() -> None:
+    assert parse_scale("auto") is None and parse_scale("0.36") == pytest.approx(0.36)
+    for bad in ("0", "-1", "abc", "nan"):
+        with pytest.raises(BloodcellsError, match="--scale"):
+            parse_scale(bad)
+    image = disks((150, 210), [(60, 70), (150, 80)], 37)
+    p = predict(colour_model(), PLAIN, image, scale=0.5, precision="fp32")
+    assert p.labels.shape == (150, 210) and p.model_labels.shape == (75, 105) and p.scale == 0.5
+    truth = predict(colour_model(), PLAIN, image, scale=1.0, precision="fp32").labels
+    assert (p.labels == truth).mean() > 0.98
+
+
+# ---- counting -------------------------------------------------------------------------------
+
+def test_counts_on_a_hand_made_map() -> None:
+    lab = np.zeros((200, 240), np.uint8)
+    cv2.circle(lab, (40, 40), 18, HEALTHY, -1)
+    cv2.circle(lab, (110, 40), 18, HEALTHY, -1)  # two touching cells: one component of twice the area
+    cv2.circle(lab, (147, 40), 18, HEALTHY, -1)
+    cv2.circle(lab, (60, 140), 36, index_of("lymphocyte"), -1)
+    cv2.circle(lab, (200, 150), 9, index_of("thrombocyte"), -1)
+    lab[190:192, 10:12] = index_of("thrombocyte")  # a speck: far below 15% of a thrombocyte
+    lab[5:7, 230:232] = index_of("monocyte")
+    n, _ = cv2.connectedComponents((lab == HEALTHY).astype(np.uint8), connectivity=8)
+    assert n - 1 == 2  # the touching pair really is one component
+    counts = count_cells(lab)
+    assert list(counts) == list(NAMES)
+    assert counts["healthy_rbc"] == 3 and counts["lymphocyte"] == 1 and counts["thrombocyte"] == 1
+    assert sum(counts.values()) == 5
+    # with a learned (smaller, visible) area the touching pair splits into more cells
+    assert count_cells(lab, {HEALTHY: 500.0})["healthy_rbc"] == 2 + 4
+
+
+def test_expected_areas_from_dataset_json_and_fallbacks(scenes, tmp_path) -> None:
+    ds = read_json(scenes / "dataset.json")
+    areas = expected_areas(ds)
+    px, obj = ds["class_pixels"]["train"], ds["object_counts"]["train"]
+    assert areas[HEALTHY] == pytest.approx(px[HEALTHY] / obj[HEALTHY])
+    assert areas[HEALTHY] < table_areas()[HEALTHY]  # visible area: overlaps hide part of each cell
+    fake = {"class_pixels": {"train": [0] * 10}, "object_counts": {"train": [0] * 10}}
+    assert expected_areas(fake) == table_areas()
+    a, src = resolve_areas({"cell_area": {"healthy_rbc": 700}})
+    assert src == "checkpoint" and a[HEALTHY] == 700 and a[1] == table_areas()[1]
+    a, src = resolve_areas({}, scenes)
+    assert src.startswith("dataset") and a == areas
+    assert resolve_areas({})[1] == "class table"
+    with pytest.raises(BloodcellsError, match="dataset.json"):
+        resolve_areas({}, tmp_path)
+
+
+def test_counts_are_taken_at_model_scale() -> None:
+    centres = [(40, 40), (120, 40), (40, 130), (150, 120), (187, 120)]  # the last two touch
+    small = disks((180, 240), centres, 18.5)
+    model = colour_model()
+    base = count_cells(predict(model, PLAIN, small, scale=1.0, precision="fp32").model_labels)
+    assert base["healthy_rbc"] == 5
+    big = resize_image(small, 2.0)  # the same smear at twice the magnification
+    p = predict(model, PLAIN, big, scale=0.5, precision="fp32")
+    assert p.labels.shape == big.shape[:2]
+    assert count_cells(p.model_labels)["healthy_rbc"] == 5
+    assert count_cells(p.labels)["healthy_rbc"] > 5  # the input-size map would need areas scaled by 1/factor^2
+
+
+# ---- predict command ------------------------------------------------------------------------
+
+def run(*args: str):
+    from cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_path) -> None:
+    src = tmp_path / "in"
+    rng = np.random.default_rng(2)
+    write_png(src / "a" / "smear.png", read_rgb(next((scenes / "test" / "images").glob("*.png"))))
+    write_png(src / "b" / "smear.png", rng.integers(0, 256, (260, 300, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "b" / "big.jpg"), rng.integers(0, 256, (230, 410, 3), dtype=np.uint8))
+    (src / "b" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "preds"
+    r = run("predict", "--model", str(checkpoint), str(src / "a"), str(src / "b"), str(src / "none*.png"),
+            "--out", str(out), "--precision", "fp32", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "predicted 3" in r.output and "broken.png" in r.output and "none*.png" in r.output
+    with open(out / "counts.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == COUNTS_HEADER == ("image", "scale", *NAMES)
+    assert sorted(r[0] for r in rows[1:]) == ["b_smear", "big", "smear"]
+    sizes = {"smear": (224, 224), "b_smear": (260, 300), "big": (230, 410)}
+    for row in rows[1:]:
+        stem = row[0]
+        lab = read_gray(out / f"{stem}.png")
+        assert lab.shape == sizes[stem] and lab.max() < NUM_CLASSES
+        assert np.array_equal(read_rgb(out / f"{stem}_color.png"), colorize(lab))
+        assert float(row[1]) == 1.0 and row[2] == "0" and all(v.isdigit() for v in row[2:])
+    # a re-run skips what is done; --force predicts again
+    r = run("predict", "--model", str(checkpoint), str(src / "a"), str(src / "b" / "big.jpg"), "--out", str(out),
+            "--no-progress")
+    assert r.exit_code == 0 and "predicted 0, already done 2" in r.output, r.output
+    r = run("predict", "--model", str(checkpoint), str(src / "b" / "big.jpg"), "--out", str(out), "--force",
+            "--scale", "0.5", "--no-progress")
+    assert "predicted 1" in r.output
+    with open(out / "counts.csv", newline="") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 3 and rows["big"]["scale"] == "0.5000"
+    assert read_gray(out / "big.png").shape == (230, 410)
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_predict_cli_errors(checkpoint, tmp_path) -> None:
+    r = run("predict", "--model", str(tmp_path / "missing.pt"), str(tmp_path), "--out", str(tmp_path / "o"))
+    assert isinstance(r.exception, BloodcellsError) and "missing.pt: no such checkpoint" in str(r.exception)
+    r = run("predict", "--model", str(checkpoint), str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "o"))
+    assert isinstance(r.exception, BloodcellsError) and "matches no image" in str(r.exception)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    r = run("predict", "--model", str(checkpoint), str(tmp_path / "bad.jpg"), "--out", str(tmp_path / "o"))
+    assert isinstance(r.exception, BloodcellsError) and "no input could be predicted" in str(r.exception)
+    assert "bad.jpg: not a readable image" in r.output
+    r = run("predict", "--model", str(checkpoint), str(tmp_path / "bad.jpg"), "--scale", "x")
+    assert isinstance(r.exception, BloodcellsError) and "--scale" in str(r.exception)
+    r = run("colorize", "--model", str(checkpoint), str(tmp_path), "--out", str(tmp_path / "r.avi"))
+    assert isinstance(r.exception, BloodcellsError) and ".gif or .mp4" in str(r.exception)
+
+
+def test_input_expansion_and_stems(tmp_path) -> None:
+    for p in ("x/a.png", "x/b.jpg", "y/a.png", "y/notes.txt"):
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(b"")
+    paths, problems = expand_inputs([tmp_path / "x", str(tmp_path / "y" / "*.png"), tmp_path / "x" / "a.png",
+                                     tmp_path / "empty*.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["x/a.png", "x/b.jpg", "y/a.png"]
+    assert len(problems) == 1 and "empty*.png" in problems[0]
+    assert output_stems(paths) == ["a", "b", "y_a"]
+    assert output_stems([Path("a.png"), Path("a.jpg")]) == ["a", "a-2"]
+    # stems are kept across runs: a source seen before keeps its stem, whatever else is given
+    known = {"a": str(paths[2].resolve())}
+    assert output_stems(paths[:2], known) == ["x_a", "b"]
+    assert output_stems(paths, known) == ["x_a", "b", "a"]
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+def test_side_by_side_has_a_legend_of_present_classes() -> None:
+    image = np.full((60, 80, 3), 200, np.uint8)
+    lab = np.zeros((60, 80), np.uint8)
+    lab[10:30, 10:30] = HEALTHY
+    out = side_by_side(image, lab)
+    assert out.shape[1] == 80 * 2 + 4 and out.shape[0] > 60
+    assert np.array_equal(out[:60, 84:], colorize(lab))
+    ov = side_by_side(image, lab, layout="overlay")
+    assert ov.shape[1] == 80 and np.array_equal(ov[:10, :10], image[:10, :10])
+
+
+def test_gif_keeps_class_colours_exact(tmp_path) -> None:
+    from segmenter.render import write_gif
+
+    rng = np.random.default_rng(5)
+    lab = np.repeat(np.arange(NUM_CLASSES, dtype=np.uint8), 12)[None].repeat(40, axis=0)
+    frames = [side_by_side(rng.integers(0, 256, (40, 120, 3), dtype=np.uint8), lab) for _ in range(2)]
+    assert write_gif(tmp_path / "a.gif", frames, duration_ms=150) == 2
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.info["duration"] == 150
+        back = np.array(gif.convert("RGB"))
+    assert np.array_equal(back[:40, 124:], colorize(lab))  # the map half survives the 256-colour palette
+
+
+def test_colorize_gif_mp4_and_video_input(checkpoint, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    src = tmp_path / "frames"
+    for i, (h, w) in enumerate([(120, 160), (120, 160), (90, 200)]):
+        write_png(src / f"f{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    common = ["--model", str(checkpoint), "--precision", "fp32", "--no-progress"]
+    r = run("colorize", str(src), "--out", str(tmp_path / "r.gif"), "--fps", "5", *common)
+    assert r.exit_code == 0 and "3 frames" in r.output, r.output
+    with Image.open(tmp_path / "r.gif") as gif:
+        assert gif.n_frames == 3 and gif.info.get("loop") == 0
+        size = gif.size
+        for k in range(3):
+            gif.seek(k)
+            assert gif.size == size and gif.info["duration"] == 200
+    assert size[0] == 2 * 160 + 4
+    r = run("colorize", str(src / "*.png"), "--out", str(tmp_path / "r.mp4"), "--fps", "4", *common)
+    assert r.exit_code == 0, r.output
+    n, fps, (w, h) = video_info(tmp_path / "r.mp4")
+    assert n == 3 and fps == pytest.approx(4.0) and w == size[0] and h == size[1] + size[1] % 2
+    cap = cv2.VideoCapture(str(tmp_path / "r.mp4"))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok and frame.shape[:2] == (h, w)
+    # a video as input: every 2nd frame, at most 2 of them
+    write_mp4(tmp_path / "clip.mp4", [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(7)], fps=10)
+    assert video_info(tmp_path / "clip.mp4")[0] == 7
+    r = run("colorize", str(tmp_path / "clip.mp4"), "--every", "2", "--max-frames", "2", "--out",
+            str(tmp_path / "v.gif"), *common)
+    assert r.exit_code == 0 and "2 frames" in r.output, r.output
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 2
+
+
+# ---- evaluation on real smears ----------------------------------------------------------------
+
+def test_matching_counts_on_a_hand_made_box_case() -> None:
+    lab = np.zeros((200, 300), np.uint8)
+    gt = [GTBox("rbc", "RBC", (10, 10, 50, 50)), GTBox("rbc", "RBC", (100, 10, 140, 50)),
+          GTBox("rbc", "RBC", (200, 10, 240, 50)), GTBox("wbc", "WBC", (20, 100, 100, 180)),
+          GTBox(None, "Foo", (0, 0, 5, 5))]
+    lab[12:50, 12:48] = HEALTHY  # matches box 1
+    lab[10:52, 104:140] = index_of("infected_rbc")  # matches box 2 (same group)
+    lab[150:190, 200:240] = HEALTHY  # a false positive; box 3 is missed
+    lab[100:180, 20:100] = index_of("neutrophil")
+    lab[100:120, 20:100] = index_of("lymphocyte")  # the majority stays neutrophil
+    lab[195:197, 290:292] = HEALTHY  # a speck, dropped
+    s = score_image(lab, gt, {"rbc": 50, "wbc": 100, "platelet": 10}, iou=0.3, subtype="neutrophil")
+    assert s["rbc"] == {"tp": 2, "fp": 1, "fn": 1, "gt": 3, "pred": 3}
+    assert s["wbc"] == {"tp": 1, "fp": 0, "fn": 0, "gt": 1, "pred": 1}
+    assert s["platelet"]["gt"] == 0 and s["subtypes"] == [("neutrophil", "neutrophil")]
+    from segmenter.realeval import rates
+    r = rates(**{k: s["rbc"][k] for k in ("tp", "fp", "fn")})
+    assert r["recall"] == pytest.approx(2 / 3) and r["precision"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3)
+
+
+def test_iou_and_greedy_matching() -> None:
+    a = np.array([[0, 0, 10, 10], [5, 0, 15, 10]], float)
+    b = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    iou = iou_matrix(a, b)
+    assert iou[0, 0] == 1.0 and iou[1, 0] == pytest.approx(50 / 150) and iou[:, 1].max() == 0
+    assert greedy_match(iou, 0.3) == [(0, 0)]
+    assert greedy_match(np.array([[0.5, 0.6], [0.9, 0.0]]), 0.3) == [(1, 0), (0, 1)]
+    assert iou_matrix(np.zeros((0, 4)), b).shape == (0, 2)
+
+
+def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> None:
+    root = tmp_path / "voc"
+    rng = np.random.default_rng(4)
+    objs = {"BloodImage_00003": [("RBC", 10, 10, 60, 60), ("WBC", 100, 80, 200, 180), ("Platelets", 5, 150, 25, 170)],
+            "BloodImage_00010": [("RBC", 30, 30, 90, 90), ("Weird", 1, 1, 9, 9)]}
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    for stem, boxes in objs.items():
+        cv2.imwrite(str(root / "JPEGImages" / f"{stem}.jpg"), rng.integers(0, 256, (200, 240, 3), dtype=np.uint8))
+        xml = "".join(f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
+                      f"<ymax>{d}</ymax></bndbox></object>" for n, a, b, c, d in boxes)
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename>{xml}</annotation>")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("BloodImage_00003\nBloodImage_00010\n")
+    csv_path = tmp_path / "subtypes.csv"
+    csv_path.write_text(',Image,Category\n,3,NEUTROPHIL\n,10,"NEUTROPHIL, EOSINOPHIL"\n,11,\n')
+    images = read_voc(root, "test")
+    assert [len(i.boxes) for i in images] == [3, 2] and images[1].boxes[1].group is None
+    sub = read_subtypes(csv_path)
+    assert sub == {"3": "neutrophil"} and subtype_of("BloodImage_00003", sub) == "neutrophil"
+    assert subtype_of("BloodImage_00010", sub) is None
+    out = tmp_path / "real"
+    r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "test", "--scale", "1",
+            "--wbc-labels", str(csv_path), "--out", str(out), "--precision", "fp32", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "rbc" in r.output and "Weird 1" in r.output
+    m = read_json(out / "metrics.json")
+    assert m["images"] == 2 and m["unknown_labels"] == {"Weird": 1} and m["matching"]["iou"] == 0.3
+    for g, want in (("rbc", 2), ("wbc", 1), ("platelet", 1)):
+        row = m["groups"][g]
+        assert row["gt"] == want and row["tp"] + row["fn"] == want and row["tp"] + row["fp"] == row["pred"]
+    r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "nope")
+    assert isinstance(r.exception, BloodcellsError) and "nope.txt" in str(r.exception)
+    r = run("evaluate-real", "--model", str(checkpoint))
+    assert isinstance(r.exception, BloodcellsError) and "--voc" in str(r.exception)
+
+
+def test_bccd_layout_reads(datasets) -> None:
+    root = datasets / "bccd" / "BCCD"
+    images = read_voc(root, "test")
+    assert len(images) == 72 and all(i.path.is_file() for i in images)
+    groups = {b.group for i in images for b in i.boxes}
+    assert groups <= {"rbc", "wbc", "platelet"}
+    sub = read_subtypes(datasets / "bccd" / "wbc_subtype_labels_mooney.csv")
+    assert len(sub) > 300 and set(sub.values()) <= {"neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil"}
+
+
+def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
+    from segmenter.realeval import detect_layout, read_yolo
+
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    (tmp_path / "labels" / "test").mkdir(parents=True)
+    (tmp_path / "classes.txt").write_text("Platelets\nRBC\nWBC\nblob\n")
+    cv2.imwrite(str(tmp_path / "images" / "test" / "s1.png"), np.zeros((100, 200, 3), np.uint8))
+    (tmp_path / "labels" / "test" / "s1.txt").write_text("1 0.5 0.5 0.2 0.4\n2 0.25 0.25 0.1 0.1\n3 0.1 0.1 0.1 0.1\n")
+    assert detect_layout(tmp_path) == "yolo"
+    (im,) = read_yolo(tmp_path, "test")
+    assert [b.group for b in im.boxes] == ["rbc", "wbc", None]
+    assert im.boxes[0].xyxy == pytest.approx((80, 30, 120, 70))
+    with pytest.raises(BloodcellsError, match="--split all"):
+        read_yolo(tmp_path, "val")
