@@ -227,6 +227,7 @@ def predict_cmd(
     overlap: float = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)"),
     batch: int = typer.Option(8, "--batch", min=1, help="tiles per forward pass"),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
     device: str = typer.Option("auto", "--device"),
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -235,7 +236,7 @@ def predict_cmd(
     from segmenter.predict import predict_files
 
     s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
-                      device=device, force=force, data=data, progress=progress)
+                      device=device, force=force, data=data, progress=progress, balance=balance)
     typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
@@ -261,6 +262,7 @@ def colorize_cmd(
     overlap: float = typer.Option(0.25, "--overlap"),
     batch: int = typer.Option(8, "--batch", min=1),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
     device: str = typer.Option("auto", "--device"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -269,7 +271,7 @@ def colorize_cmd(
 
     r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
                      width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
-                     progress=progress)
+                     progress=progress, balance=balance)
     for line in r["failed"]:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
@@ -293,6 +295,7 @@ def evaluate_real_cmd(
     overlap: float = typer.Option(0.25, "--overlap"),
     batch: int = typer.Option(8, "--batch", min=1),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
     device: str = typer.Option("auto", "--device"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -304,7 +307,7 @@ def evaluate_real_cmd(
     result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
                            iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
                            tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
-                           progress=progress)
+                           progress=progress, balance=balance)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
 

@@ -28,6 +28,10 @@ CLASSES: tuple[CellClass, ...] = (
     CellClass(9, "healthy_rbc", "#00FF00", 37.0, "rbc"),
 )
 
+# Plasma (background) colour of composed scenes before per-canvas tone jitter; prediction can
+# white-balance a real smear's background to it (--balance).
+PLASMA_RGB = (236.0, 222.0, 210.0)
+
 NUM_CLASSES = len(CLASSES)
 NAMES: tuple[str, ...] = tuple(c.name for c in CLASSES)
 BY_NAME: dict[str, CellClass] = {c.name: c for c in CLASSES}

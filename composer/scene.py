@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from bloodcells.classes import index_of
+from bloodcells.classes import PLASMA_RGB, index_of
 
 from .sprite import Sprite
 
@@ -203,7 +203,7 @@ def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, h
     """An RBC-only canvas: plasma background with RBCs on a jittered hexagonal lattice."""
     look, cv, sizes = recipe["look"], recipe["canvas"], recipe["sizes"]
     tone = 1.0 + rng.normal(0, look["background_tone"], 3)
-    base = np.clip(np.array([236.0, 222.0, 210.0]) * tone, 0, 255).astype(np.float32)
+    base = np.clip(np.array(PLASMA_RGB) * tone, 0, 255).astype(np.float32)
     img = np.empty((size, size, 3), np.float32)
     img[:] = base
     label = np.zeros((size, size), np.uint8)

@@ -22,7 +22,7 @@ import torch
 from skimage.filters import threshold_multiotsu
 from torch import nn
 
-from bloodcells.classes import BY_NAME
+from bloodcells.classes import BY_NAME, PLASMA_RGB
 from bloodcells.errors import BloodcellsError
 from segmenter.runtime import Runtime, resolve_precision
 
@@ -168,15 +168,25 @@ def auto_scale(image: np.ndarray) -> tuple[float, float]:
     return RBC_DIAMETER_40X / d, d
 
 
+def balance_background(image: np.ndarray) -> np.ndarray:
+    """Scale each channel so the smear's background (its brightest 15%) takes the plasma colour of composed scenes."""
+    f = image.astype(np.float32)
+    light = f.mean(axis=2)
+    bg = np.median(f[light >= np.percentile(light, 85)], axis=0)
+    return np.clip(f * (np.asarray(PLASMA_RGB, np.float32) / np.maximum(bg, 1.0)) + 0.5, 0, 255).astype(np.uint8)
+
+
 def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,
             tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
-            device: str | torch.device | None = None) -> Prediction:
-    """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels come back at the input's size."""
+            device: str | torch.device | None = None, balance: bool = False) -> Prediction:
+    """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels come back at the input's size.
+
+    balance: white-balance the background to the training scenes' plasma colour first."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
         factor, diameter = auto_scale(image)
-    small = resize_image(image, factor)
+    small = resize_image(balance_background(image) if balance else image, factor)
     probs = predict_logits(model, meta, small, tile=tile, overlap=overlap, batch=batch, precision=precision,
                            device=device)
     model_labels = probs.argmax(axis=0).astype(np.uint8)

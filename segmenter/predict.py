@@ -142,15 +142,17 @@ class Predictor:
     overlap: float = 0.25
     batch: int = 8
     precision: str = "auto"
+    balance: bool = False  # white-balance each image's background to the training plasma colour
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
-                       batch=self.batch, precision=self.precision)
+                       batch=self.batch, precision=self.precision, balance=self.balance)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
-                   precision: str = "auto", device: str = "auto", data: str | Path | None = None) -> Predictor:
+                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
+                   balance: bool = False) -> Predictor:
     """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
     if tile < 32 or tile % 32:
         raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
@@ -161,7 +163,7 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
         raise BloodcellsError(f"--batch {batch}: must be at least 1")
     model, meta = load_model(model_path, pick_device(device))
     areas, source = resolve_areas(meta, data)
-    return Predictor(model, meta, areas, source, tile, overlap, batch, precision)
+    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance)
 
 
 @dataclass
@@ -184,11 +186,11 @@ class RunSummary:
 def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, scale: str | float = 1.0,
                   tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
-                  progress: bool = True) -> RunSummary:
+                  progress: bool = True, balance: bool = False) -> RunSummary:
     """Predict every input into `out` (maps, colour maps, counts.csv); unreadable inputs are skipped and listed."""
     out = Path(out)
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
@@ -226,7 +228,8 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
 def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, scale: str | float = 1.0,
                  every: int = 1, max_frames: int | None = None, fps: float = 5.0, layout: str = "side",
                  width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
-                 precision: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, Any]:
+                 precision: str = "auto", device: str = "auto", progress: bool = True,
+                 balance: bool = False) -> dict[str, Any]:
     """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
     out = Path(out)
     kind = out.suffix.lower()
@@ -239,7 +242,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
     if width is not None and width < 16:
         raise BloodcellsError(f"--width {width}: must be at least 16 px")
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance)
     paths, problems = expand_inputs(inputs, videos=True)
     if not paths:
         raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))

@@ -265,7 +265,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
                   wbc_labels: str | Path | None = None, out: str | Path | None = None,
                   max_images: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, balance: bool = False) -> dict[str, Any]:
     """Predict every annotated smear of a split, match components to boxes per group, write metrics.json."""
     if not 0.0 < iou <= 1.0:
         raise BloodcellsError(f"--iou {iou}: must be above 0 and at most 1, e.g. 0.3")
@@ -277,7 +277,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
     if not images:
         raise BloodcellsError(f"{root}: no annotated images in split {split!r}")
     subtypes = read_subtypes(wbc_labels) if wbc_labels is not None else {}
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
     totals = {g: Counter() for g in GROUP_NAMES}
     unknown: Counter = Counter()
     sub_pairs: list[tuple[str, str]] = []
@@ -309,6 +309,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "model": str(model_path), "root": str(root), "layout": layout, "split": split,
         "images": len(per_image), "failed": failed,
         "scale": "auto" if factor is None else factor,
+        "balance": balance,
         "scale_used": {"min": min(factors), "median": float(np.median(factors)), "max": max(factors)},
         "matching": {"rule": "greedy by IoU of component bounding box with GT box, per group", "iou": iou,
                      "min_fraction": min_fraction, "connectivity": 8},

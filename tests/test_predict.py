@@ -453,3 +453,15 @@ def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
     assert im.boxes[0].xyxy == pytest.approx((80, 30, 120, 70))
     with pytest.raises(BloodcellsError, match="--split all"):
         read_yolo(tmp_path, "val")
+
+
+def test_balance_background_takes_the_plasma_colour():
+    from bloodcells.classes import PLASMA_RGB
+    from segmenter.infer import balance_background
+
+    img = np.full((60, 80, 3), (200, 210, 230), np.uint8)  # a bluish smear background
+    img[20:40, 20:40] = (150, 100, 120)  # a cell
+    out = balance_background(img)
+    assert np.abs(out[0, 0].astype(float) - np.array(PLASMA_RGB)).max() <= 1
+    # the cell keeps its contrast to the background, channel by channel
+    assert (out[30, 30] < out[0, 0]).all()
