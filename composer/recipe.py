@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
         "infected_share": 0.3,  # share of infected RBCs on a mixed canvas
         "density": 0.8,  # chance that each slot of the RBC lattice holds a cell
         "overlap": 0.1,  # how far neighbouring RBCs may overlap (fraction of a diameter)
-        "variants": 96,  # transformed RBC looks drawn per canvas (each pasted many times)
+        "variants": 64,  # transformed RBC looks drawn per canvas (each pasted many times)
     },
     "objects": {
         "coverage": "pairs",  # none | singles | pairs: each (type or pair) x background kind appears

