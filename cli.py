@@ -340,17 +340,19 @@ def quickstart_cmd(
                       milestones=(30,), lr=2e-3, dice_weight=0.5, weight_power=0.5, max_minutes=minutes,
                       resume=resume)
     s = train(cfg)
+    # a budget that ends before the first validation leaves only last.pt
+    model = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
     typer.echo("3/4 evaluate on the test split")
-    m = evaluate(run / "best.pt", data, "test", out=run / "test")
+    m = evaluate(model, data, "test", out=run / "test")
     typer.echo("4/4 predict the test scenes and render them")
     tests = sorted((data / "test" / "images").glob("*.png"))[:24]
-    summary = predict_files(run / "best.pt", tests, preds, progress=False)
+    summary = predict_files(model, tests, preds, progress=False)
     gif = out / "predictions.gif"
-    colorize_run(run / "best.pt", tests, gif, progress=False)
+    colorize_run(model, tests, gif, progress=False)
     typer.echo(f"done in {(time.time() - t0) / 60:.1f} min: test pixel accuracy {m['pixel_accuracy']:.3f}, "
                f"mIoU {m['miou']:.3f} after {s.get('epoch', '?')} epochs")
     typer.echo(f"  scenes      {data}  (look: cli show {data})")
-    typer.echo(f"  model       {run / 'best.pt'}  (curves: {run / 'curves.png'})")
+    typer.echo(f"  model       {model}  (curves: {run / 'curves.png'})")
     typer.echo(f"  evaluation  {run / 'test'}  (confusion.png, metrics.json)")
     typer.echo(f"  predictions {preds}  ({len(summary.done) + len(summary.resumed)} maps, counts.csv)")
     typer.echo(f"  animation   {gif}")
