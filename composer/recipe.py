@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "look": {
         "soft_edge": 0.8,  # feather of sprite edges in px (the label stays exact)
         "stain_jitter": 0.05,  # per-sprite brightness/saturation/hue jitter
+        "plasma": [[236, 222, 210]],  # plasma (background) colours; each canvas picks one
         "background_tone": 0.04,  # per-canvas plasma colour variation
         "illumination": 0.08,  # strength of a smooth illumination gradient
         "blur": [0.0, 0.6],  # Gaussian blur sigma range (px)
@@ -56,6 +57,8 @@ def _check(user: dict, ref: dict, path: str, where: str) -> None:
             if not isinstance(v, dict):
                 raise BloodcellsError(f"{where}: '{path}{k}' must be a mapping like {_brief(r)}")
             _check(v, r, f"{path}{k}.", where)
+        elif isinstance(r, list) and k == "plasma":
+            continue  # checked in validate
         elif isinstance(r, list):
             if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]):
                 raise BloodcellsError(f"{where}: '{path}{k}' must be [low, high], e.g. {r}")
@@ -127,6 +130,10 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
         raise BloodcellsError(f"{where}: need 32 <= scene_size <= canvas.size")
     if not 1 <= r["clumps"]["min"] <= r["clumps"]["max"]:
         raise BloodcellsError(f"{where}: clumps needs 1 <= min <= max")
+    pl = r["look"]["plasma"]
+    if not (isinstance(pl, list) and pl and all(isinstance(c, list) and len(c) == 3 and
+                                                all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in c) for c in pl)):
+        raise BloodcellsError(f"{where}: look.plasma must be a list of RGB colours, e.g. [[236, 222, 210], [205, 206, 202]]")
     if not isinstance(r["seed"], int):
         raise BloodcellsError(f"{where}: seed must be a whole number")
     r["canvas"]["windows"] = max(1, int(r["canvas"]["windows"]))

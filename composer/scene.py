@@ -203,7 +203,9 @@ def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, h
     """An RBC-only canvas: plasma background with RBCs on a jittered hexagonal lattice."""
     look, cv, sizes = recipe["look"], recipe["canvas"], recipe["sizes"]
     tone = 1.0 + rng.normal(0, look["background_tone"], 3)
-    base = np.clip(np.array(PLASMA_RGB) * tone, 0, 255).astype(np.float32)
+    colours = look.get("plasma") or [PLASMA_RGB]
+    plasma = colours[int(rng.integers(len(colours)))] if len(colours) > 1 else colours[0]
+    base = np.clip(np.array(plasma, np.float64) * tone, 0, 255).astype(np.float32)
     img = np.empty((size, size, 3), np.float32)
     img[:] = base
     label = np.zeros((size, size), np.uint8)

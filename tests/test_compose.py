@@ -222,6 +222,8 @@ def test_recipe_errors_name_the_key_and_fix(tmp_path):
         validate({"look": {"noise": -1}})
     with pytest.raises(BloodcellsError, match="must be \\[low, high\\]"):
         validate({"look": {"blur": 3}})
+    with pytest.raises(BloodcellsError, match="look.plasma must be a list of RGB colours"):
+        validate({"look": {"plasma": [[300, 0, 0]]}})
     with pytest.raises(BloodcellsError, match="no such recipe; give a YAML path or one of: .*balanced.yaml"):
         load_recipe("nope")
     assert load_recipe("balanced.yaml")["name"] == "balanced"
@@ -264,3 +266,15 @@ def test_composer_is_deterministic_in_memory(builtin):
     a = Composer(r, "train", pools["train"]).scene(5)
     b = Composer(r, "train", pools["train"]).scene(5)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_plasma_colours_vary_the_background_only(builtin):
+    r, pools, _ = builtin
+    grey = validate({**TINY, "look": {"plasma": [[205, 206, 202]], "background_tone": 0, "illumination": 0,
+                                      "noise": 0, "blur": [0, 0]}})
+    img, lab, _ = Composer(grey, "train", pools["train"]).scene(0)
+    bg = img[lab == 0]
+    assert np.abs(np.median(bg, axis=0) - [205, 206, 202]).max() <= 2
+    cream = validate({**grey, "look": {**grey["look"], "plasma": [[236, 222, 210]]}})
+    img2, lab2, _ = Composer(cream, "train", pools["train"]).scene(0)
+    assert np.array_equal(lab, lab2)  # the label map does not depend on the background colour
