@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic  # noqa: E402
 from composer.dataset import compose, sprite_pools  # noqa: E402

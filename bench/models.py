@@ -26,6 +26,7 @@ import torch
 from bloodcells.classes import NUM_CLASSES
 from segmenter.losses import CombinedLoss
 from segmenter.models import ARCHITECTURES, create_model
+from timing import best_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 MODES = ("fp32", "channels_last", "bf16", "channels_last+bf16")
 
@@ -54,17 +55,6 @@ def cases(archs: list[str]) -> list[Case]:
             out += [Case("unet", 32, m) for m in MODES[1:]] + [Case("unet", 16, "fp32")]
     return out
 
-
-def best_seconds(step: Callable[[], None], warmup: int, iters: int) -> float:
-    """Fastest wall time of `iters` calls of step after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(case: Case, batch: int, size: int, warmup: int, iters: int) -> Result:

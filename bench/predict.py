@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,21 +30,11 @@ from segmenter.checkpoint import save_checkpoint
 from segmenter.infer import estimate_rbc_diameter, predict_logits, tile_starts
 from segmenter.models import create_model
 from segmenter.predict import colorize_run
+from timing import best_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"fp32": ("fp32", False), "fp32+channels_last": ("fp32", True), "auto": ("auto", True)}
 
-
-def best_seconds(step: Callable[[], object], warmup: int, iters: int) -> float:
-    """Fastest wall time of `iters` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def cpu_model() -> str:

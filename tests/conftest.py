@@ -41,3 +41,14 @@ def real_bank(datasets, tmp_path_factory):
         items = list_items(kind, datasets / folder, AliasTable(), **kw)
         summaries.append(bank.import_items(items, f"{kind}:{Path(folder).name}", workers=2, progress=False))
     return bank, summaries
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread: tiny models run no slower, and a busy second core cannot stall OpenMP barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

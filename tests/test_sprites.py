@@ -1,7 +1,6 @@
 """Sprite bank: real imports of every source kind, layouts on made-up fixtures, bad input."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -49,9 +48,6 @@ def test_real_masks_have_plausible_coverage(real_bank):
         med = float(np.median(fr))
         # a round cell fills ~pi/4 of its bounding box; far less means a stray shape, more a box
         assert 0.55 < med < 0.95, (cls, med)
-    diam = Counter()
-    for r in recs:
-        diam[r["class"]] = diam.get(r["class"], 0)
     # native diameters: thrombocytes are the smallest cells of every source
     med_d = {c: np.median([r["diameter"] for r in recs if r["class"] == c]) for c in {r["class"] for r in recs}}
     assert med_d["thrombocyte"] < min(med_d[c] for c in WBC)
@@ -152,7 +148,6 @@ def test_iumc_class_folders_and_alias_override(tmp_path):
 
 
 def test_yolo_and_csv_boxes(tmp_path):
-    rng = np.random.default_rng(4)
     root = tmp_path / "smears"
     img = np.full((200, 300, 3), (235, 220, 205), np.uint8)
     for (x, y) in [(60, 60), (150, 100), (240, 140)]:
@@ -178,7 +173,6 @@ def test_yolo_and_csv_boxes(tmp_path):
 
 
 def test_black_background_crops(tmp_path):
-    rng = np.random.default_rng(5)
     root = tmp_path / "cells"
     for cls in ("Parasitized", "Uninfected"):
         for i in range(3):
@@ -207,7 +201,6 @@ def test_empty_and_missing_folders_are_clear_errors(tmp_path):
 
 
 def test_interrupted_import_resumes_consistently(tmp_path):
-    rng = np.random.default_rng(6)
     root = tmp_path / "cells"
     for i in range(6):
         img = np.zeros((80, 80, 3), np.uint8)
