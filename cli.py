@@ -216,6 +216,15 @@ def evaluate_cmd(
     typer.echo(f"wrote {result['out']}/metrics.json, confusion.csv, confusion.png")
 
 
+# inference options shared by predict, colorize and evaluate-real
+TILE_OPTION = typer.Option(224, "--tile", help="sliding-window size (a multiple of 32)")
+OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)")
+BATCH_OPTION = typer.Option(8, "--batch", min=1, help="tiles per forward pass")
+PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16")
+BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
 @app.command("predict")
 def predict_cmd(
     inputs: List[str] = typer.Argument(..., help="images, folders of images or glob patterns"),
@@ -223,12 +232,12 @@ def predict_cmd(
     out: Path = typer.Option(Path("preds"), "--out", help="folder for <stem>.png, <stem>_color.png and counts.csv"),
     scale: str = typer.Option("1", "--scale", help="resize factor to the model's 40x scale (e.g. 0.36), or auto: estimate the RBC size per image"),
     data: Optional[Path] = typer.Option(None, "--data", help="composed dataset whose mean cell areas split touching cells (default: the checkpoint's, else the class table)"),
-    tile: int = typer.Option(224, "--tile", help="sliding-window size (a multiple of 32)"),
-    overlap: float = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)"),
-    batch: int = typer.Option(8, "--batch", min=1, help="tiles per forward pass"),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
-    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
-    device: str = typer.Option("auto", "--device"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -258,12 +267,12 @@ def colorize_cmd(
     every: int = typer.Option(1, "--every", min=1, help="video input: use every N-th frame"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="stop after this many frames"),
     width: Optional[int] = typer.Option(None, "--width", min=16, help="resize frames to this width (default: as rendered)"),
-    tile: int = typer.Option(224, "--tile"),
-    overlap: float = typer.Option(0.25, "--overlap"),
-    batch: int = typer.Option(8, "--batch", min=1),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
-    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
-    device: str = typer.Option("auto", "--device"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """An animated GIF or an MP4 of smears (or a video's frames) beside their colour-coded predictions."""
@@ -291,12 +300,12 @@ def evaluate_real_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json (default <model dir>/<stem>-real-<split>)"),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="only the first N images"),
     data: Optional[Path] = typer.Option(None, "--data", help="composed dataset for the expected cell areas"),
-    tile: int = typer.Option(224, "--tile"),
-    overlap: float = typer.Option(0.25, "--overlap"),
-    batch: int = typer.Option(8, "--batch", min=1),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
-    balance: bool = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour"),
-    device: str = typer.Option("auto", "--device"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Recall / precision / F1 per RBC, WBC and platelet group on real smears with boxes; WBC subtype accuracy."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -26,7 +25,7 @@ import torch
 from bloodcells.classes import NUM_CLASSES
 from segmenter.losses import CombinedLoss
 from segmenter.models import ARCHITECTURES, create_model
-from timing import best_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import best_seconds, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 MODES = ("fp32", "channels_last", "bf16", "channels_last+bf16")
 
@@ -89,17 +88,6 @@ def measure(case: Case, batch: int, size: int, warmup: int, iters: int) -> Resul
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return Result(case, params, batch / train_s, batch / infer_s)
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's name elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def table(results: list[Result]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,23 +29,12 @@ from segmenter.checkpoint import save_checkpoint
 from segmenter.infer import estimate_rbc_diameter, predict_logits, tile_starts
 from segmenter.models import create_model
 from segmenter.predict import colorize_run
-from timing import best_seconds  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import best_seconds, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"fp32": ("fp32", False), "fp32+channels_last": ("fp32", True), "auto": ("auto", True)}
 
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's name elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def smears(n: int) -> tuple[list[np.ndarray], str]:
