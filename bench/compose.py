@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic  # noqa: E402
-from composer.dataset import compose, sprite_pools  # noqa: E402
-from composer.recipe import load_recipe  # noqa: E402
+from bloodcells.composer.dataset import compose, sprite_pools  # noqa: E402
+from bloodcells.composer.recipe import load_recipe  # noqa: E402
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bloodcells.imageio import read_rgb  # noqa: E402
-from composer.aliases import AliasTable  # noqa: E402
-from composer.bank import SpriteBank  # noqa: E402
-from composer.sources import list_items  # noqa: E402
+from bloodcells.composer.aliases import AliasTable  # noqa: E402
+from bloodcells.composer.bank import SpriteBank  # noqa: E402
+from bloodcells.composer.sources import list_items  # noqa: E402
 from conftest import REAL_SOURCES  # noqa: E402
 
 

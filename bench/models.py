@@ -23,8 +23,8 @@ from typing import Callable, ContextManager
 import torch
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.losses import CombinedLoss
-from segmenter.models import ARCHITECTURES, create_model
+from bloodcells.segmenter.losses import CombinedLoss
+from bloodcells.segmenter.models import ARCHITECTURES, create_model
 from timing import best_seconds, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 MODES = ("fp32", "channels_last", "bf16", "channels_last+bf16")

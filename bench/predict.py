@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from bloodcells.imageio import read_rgb, write_png
-from segmenter.checkpoint import save_checkpoint
-from segmenter.infer import estimate_rbc_diameter, predict_logits, tile_starts
-from segmenter.models import create_model
-from segmenter.predict import colorize_run
+from bloodcells.segmenter.checkpoint import save_checkpoint
+from bloodcells.segmenter.infer import estimate_rbc_diameter, predict_logits, tile_starts
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.predict import colorize_run
 from timing import best_seconds, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]

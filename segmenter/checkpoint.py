@@ -13,7 +13,7 @@ from torch import nn
 from bloodcells.classes import CLASSES, NAMES
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import write_bytes_atomic, write_json
-from segmenter.models import create_model
+from bloodcells.segmenter.models import create_model
 
 FORMAT = 1
 
@@ -66,7 +66,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, mean: Sequence[float], s
     """Write `path` (.pt) and its JSON sidecar atomically; `meta` must be JSON-serialisable."""
     bare = unwrap(model)
     if not hasattr(bare, "config"):
-        raise TypeError("the model has no .config; build it with segmenter.models.create_model")
+        raise TypeError("the model has no .config; build it with bloodcells.segmenter.models.create_model")
     normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     payload = {
         "format": FORMAT,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import read_gray, read_json, read_rgb
-from segmenter.losses import class_weights_from_frequencies
+from bloodcells.segmenter.losses import class_weights_from_frequencies
 
 SPLITS = ("train", "val", "test")
 MAX_CACHE_GB = 4.0  # a 10k-image 224x224 split takes 2 GB as uint8 images + labels

@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.imageio import write_bytes_atomic, write_json, write_png
-from segmenter.charts import confusion_heatmap
-from segmenter.checkpoint import load_model
-from segmenter.data import SegmentationDataset, ShardSampler
-from segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
-from segmenter.runtime import Runtime, leave_process_group, make_runtime
+from bloodcells.segmenter.charts import confusion_heatmap
+from bloodcells.segmenter.checkpoint import load_model
+from bloodcells.segmenter.data import SegmentationDataset, ShardSampler
+from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
+from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
 
 def run_model(model: nn.Module, loader: DataLoader, runtime: Runtime,

@@ -24,7 +24,7 @@ from torch import nn
 
 from bloodcells.classes import BY_NAME, PLASMA_RGB
 from bloodcells.errors import BloodcellsError
-from segmenter.runtime import Runtime, resolve_precision
+from bloodcells.segmenter.runtime import Runtime, resolve_precision
 
 RBC_DIAMETER_40X = BY_NAME["healthy_rbc"].diameter_40x  # 37 px: the size the models were trained at
 

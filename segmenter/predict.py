@@ -26,11 +26,11 @@ from tqdm import tqdm
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_json, write_png
-from segmenter.checkpoint import load_model
-from segmenter.count import count_cells, resolve_areas
-from segmenter.infer import Prediction, auto_scale, parse_scale, predict
-from segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
-from segmenter.runtime import pick_device
+from bloodcells.segmenter.checkpoint import load_model
+from bloodcells.segmenter.count import count_cells, resolve_areas
+from bloodcells.segmenter.infer import Prediction, auto_scale, parse_scale, predict
+from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
+from bloodcells.segmenter.runtime import pick_device
 
 COUNTS_HEADER = ("image", "scale", *NAMES)
 SOURCES = "sources.json"  # stem -> source file, so that a re-run gives every input the same stem

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from bloodcells.classes import CLASSES, GROUPS, NAMES, NUM_CLASSES, index_of
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import IMAGE_SUFFIXES, read_rgb, write_json
-from segmenter.count import MIN_FRACTION
-from segmenter.infer import parse_scale
-from segmenter.predict import load_predictor
+from bloodcells.segmenter.count import MIN_FRACTION
+from bloodcells.segmenter.infer import parse_scale
+from bloodcells.segmenter.predict import load_predictor
 
 GROUP_NAMES = ("rbc", "wbc", "platelet")
 # the source's box label (lower case) -> group; anything else is counted as unknown and left out

@@ -26,15 +26,15 @@ from tqdm import tqdm
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import read_json, write_bytes_atomic, write_png
-from segmenter.charts import training_curves
-from segmenter.count import expected_areas
-from segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
-from segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, read_dataset_info
-from segmenter.evaluate import json_safe, run_model
-from segmenter.losses import CombinedLoss
-from segmenter.metrics import all_reduce
-from segmenter.models import create_model
-from segmenter.runtime import Runtime, leave_process_group, make_runtime
+from bloodcells.segmenter.charts import training_curves
+from bloodcells.segmenter.count import expected_areas
+from bloodcells.segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
+from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, read_dataset_info
+from bloodcells.segmenter.evaluate import json_safe, run_model
+from bloodcells.segmenter.losses import CombinedLoss
+from bloodcells.segmenter.metrics import all_reduce
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
 StepHook = Callable[[int, int], None]  # (global step, epoch index) after each optimiser step
 TIMING_KEYS = ("seconds", "images_per_s")  # history columns that differ between otherwise identical runs

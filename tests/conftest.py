@@ -30,9 +30,9 @@ REAL_SOURCES = [
 @pytest.fixture(scope="session")
 def real_bank(datasets, tmp_path_factory):
     """A sprite bank cut from every real source once per test session (about a minute on 2 cores)."""
-    from composer.aliases import AliasTable
-    from composer.bank import SpriteBank
-    from composer.sources import list_items
+    from bloodcells.composer.aliases import AliasTable
+    from bloodcells.composer.bank import SpriteBank
+    from bloodcells.composer.sources import list_items
 
     bank = SpriteBank(tmp_path_factory.mktemp("real") / "sprites")
     summaries = []

@@ -16,10 +16,10 @@ import pytest
 
 from bloodcells.classes import NAMES, index_of
 from bloodcells.errors import BloodcellsError
-from composer.dataset import Composer, check_pools, compose, plan_split, required_combos, sprite_pools
-from composer.recipe import load_recipe, validate
-from composer.scene import Prepared, feather, paste, transform
-from composer.sprite import Sprite
+from bloodcells.composer.dataset import Composer, check_pools, compose, plan_split, required_combos, sprite_pools
+from bloodcells.composer.recipe import load_recipe, validate
+from bloodcells.composer.scene import Prepared, feather, paste, transform
+from bloodcells.composer.sprite import Sprite
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"scenes": {"train": 24, "val": 8, "test": 8}}

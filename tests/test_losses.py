@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bloodcells.errors import BloodcellsError
-from segmenter.losses import CombinedLoss, DiceLoss, WeightedCELoss, class_weights_from_frequencies
+from bloodcells.segmenter.losses import CombinedLoss, DiceLoss, WeightedCELoss, class_weights_from_frequencies
 
 
 def test_class_weights_by_median_frequency() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
+from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
 
 
 def test_hand_counted_three_class_case() -> None:

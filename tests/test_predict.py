@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize, index_of
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import read_gray, read_json, read_rgb, write_png
-from segmenter.checkpoint import save_checkpoint
-from segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
-from segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
+from bloodcells.segmenter.checkpoint import save_checkpoint
+from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
+from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
                              resize_image, tile_starts)
-from segmenter.models import create_model
-from segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
-from segmenter.realeval import (GTBox, greedy_match, iou_matrix, read_subtypes, read_voc, score_image,
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
+from bloodcells.segmenter.realeval import (GTBox, greedy_match, iou_matrix, read_subtypes, read_voc, score_image,
                                 subtype_of)
-from segmenter.render import side_by_side, video_info, write_mp4
+from bloodcells.segmenter.render import side_by_side, video_info, write_mp4
 
 HEALTHY = index_of("healthy_rbc")
 PLAIN = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     """The built-in 'tiny' recipe composed once (a couple of seconds)."""
-    from composer.dataset import compose, sprite_pools
-    from composer.recipe import load_recipe
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("tiny")
     recipe = load_recipe("tiny")
@@ -102,7 +102,7 @@ def test_tile_layout_covers_every_pixel() -> None:
 
 
 def test_single_tile_equals_direct_prediction(checkpoint) -> None:
-    from segmenter.checkpoint import load_model
+    from bloodcells.segmenter.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
@@ -123,7 +123,7 @@ def test_tiling_equals_whole_image_for_a_translation_equivariant_model(hw) -> No
 
 
 def test_bf16_autocast_stays_close_to_fp32(checkpoint, scenes) -> None:
-    from segmenter.checkpoint import load_model
+    from bloodcells.segmenter.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
     image = read_rgb(next((scenes / "test" / "images").glob("*.png")))
@@ -221,7 +221,7 @@ def test_counts_are_taken_at_model_scale() -> None:
 # ---- predict command ------------------------------------------------------------------------
 
 def run(*args: str):
-    from cli import app
+    from bloodcells.cli import app
 
     return CliRunner().invoke(app, list(args))
 
@@ -308,7 +308,7 @@ def test_side_by_side_has_a_legend_of_present_classes() -> None:
 
 
 def test_gif_keeps_class_colours_exact(tmp_path) -> None:
-    from segmenter.render import write_gif
+    from bloodcells.segmenter.render import write_gif
 
     rng = np.random.default_rng(5)
     lab = np.repeat(np.arange(NUM_CLASSES, dtype=np.uint8), 12)[None].repeat(40, axis=0)
@@ -370,7 +370,7 @@ def test_matching_counts_on_a_hand_made_box_case() -> None:
     assert s["rbc"] == {"tp": 2, "fp": 1, "fn": 1, "gt": 3, "pred": 3}
     assert s["wbc"] == {"tp": 1, "fp": 0, "fn": 0, "gt": 1, "pred": 1}
     assert s["platelet"]["gt"] == 0 and s["subtypes"] == [("neutrophil", "neutrophil")]
-    from segmenter.realeval import rates
+    from bloodcells.segmenter.realeval import rates
     r = rates(**{k: s["rbc"][k] for k in ("tp", "fp", "fn")})
     assert r["recall"] == pytest.approx(2 / 3) and r["precision"] == pytest.approx(2 / 3)
     assert r["f1"] == pytest.approx(2 / 3)
@@ -434,7 +434,7 @@ def test_bccd_layout_reads(datasets) -> None:
 
 
 def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
-    from segmenter.realeval import detect_layout, read_yolo
+    from bloodcells.segmenter.realeval import detect_layout, read_yolo
 
     (tmp_path / "images" / "test").mkdir(parents=True)
     (tmp_path / "labels" / "test").mkdir(parents=True)
@@ -451,7 +451,7 @@ def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
 
 def test_balance_background_takes_the_plasma_colour():
     from bloodcells.classes import PLASMA_RGB
-    from segmenter.infer import balance_background
+    from bloodcells.segmenter.infer import balance_background
 
     img = np.full((60, 80, 3), (200, 210, 230), np.uint8)  # a bluish smear background
     img[20:40, 20:40] = (150, 100, 120)  # a cell

@@ -11,9 +11,9 @@ import yaml
 
 from bloodcells.classes import BY_NAME, WBC
 from bloodcells.errors import BloodcellsError
-from composer.procedural import (DEFAULT_PARAMS_PATH, SPRITE_CLASSES, assign_splits, builtin_sprites,
+from bloodcells.composer.procedural import (DEFAULT_PARAMS_PATH, SPRITE_CLASSES, assign_splits, builtin_sprites,
                                  load_params, make_sprite)
-from composer.sprite import Sprite, mask_diameter
+from bloodcells.composer.sprite import Sprite, mask_diameter
 
 PER_CLASS = 10
 

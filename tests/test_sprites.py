@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from bloodcells.errors import BloodcellsError
-from composer.aliases import AliasTable
-from composer.bank import SpriteBank, assign_split, parse_fractions
-from composer.sources import list_items
+from bloodcells.composer.aliases import AliasTable
+from bloodcells.composer.bank import SpriteBank, assign_split, parse_fractions
+from bloodcells.composer.sources import list_items
 
 ROOT = Path(__file__).resolve().parents[1]
 WBC = {"eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte"}

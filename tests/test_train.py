@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.imageio import read_json, write_json, write_png
-from segmenter.charts import confusion_heatmap, nice_ticks, training_curves
-from segmenter.checkpoint import load_checkpoint, load_model
-from segmenter.data import EpochSampler, SegmentationDataset, flip_rotate, read_dataset_info, to_tensor
-from segmenter.evaluate import evaluate, format_table
-from segmenter.losses import class_weights_from_frequencies
-from segmenter.runtime import cpu_bf16_supported, resolve_precision
-from segmenter.train import TIMING_KEYS, TrainConfig, parse_milestones, resume_config, train
+from bloodcells.segmenter.charts import confusion_heatmap, nice_ticks, training_curves
+from bloodcells.segmenter.checkpoint import load_checkpoint, load_model
+from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, flip_rotate, read_dataset_info, to_tensor
+from bloodcells.segmenter.evaluate import evaluate, format_table
+from bloodcells.segmenter.losses import class_weights_from_frequencies
+from bloodcells.segmenter.runtime import cpu_bf16_supported, resolve_precision
+from bloodcells.segmenter.train import TIMING_KEYS, TrainConfig, parse_milestones, resume_config, train
 
 # one clearly distinct colour per class, so a small U-Net learns the task in a few hundred steps
 COLORS = np.array([(235, 215, 215), (230, 120, 60), (60, 40, 140), (200, 150, 200), (110, 70, 170),
@@ -370,14 +370,14 @@ def test_ddp_two_gloo_processes_agree_and_rank0_writes(data, tmp_path) -> None:
     last = read_json(tmp_path / "ddp" / "last.json")
     assert last["world_size"] == 2 and last["epoch"] == 1 and last["val_images"] == 8
     model, _ = load_model(tmp_path / "ddp" / "last.pt")
-    from segmenter.train import state_digest
+    from bloodcells.segmenter.train import state_digest
     assert state_digest(model) == r0["state_digest"]
 
 
 # ---- CLI --------------------------------------------------------------------------------
 
 def test_cli_train_resume_evaluate(data, tmp_path) -> None:
-    from cli import app
+    from bloodcells.cli import app
 
     runner = CliRunner()
     out = tmp_path / "cli"

@@ -8,12 +8,12 @@ from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from segmenter.models.attention_unet import AttentionUNet
-from segmenter.models.r2unet import R2UNet
-from segmenter.models.resunet import ResUNet
-from segmenter.models.ternausnet import TernausNet
-from segmenter.models.unet import UNet
-from segmenter.models.unetpp import UNetPlusPlus
+from bloodcells.segmenter.models.attention_unet import AttentionUNet
+from bloodcells.segmenter.models.r2unet import R2UNet
+from bloodcells.segmenter.models.resunet import ResUNet
+from bloodcells.segmenter.models.ternausnet import TernausNet
+from bloodcells.segmenter.models.unet import UNet
+from bloodcells.segmenter.models.unetpp import UNetPlusPlus
 
 # name -> class; each class stores its arguments (with this name as "arch") in `model.config`,
 # so `create_model(**model.config)` rebuilds the same architecture from a checkpoint.

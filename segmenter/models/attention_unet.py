@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
+from bloodcells.segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
 
 
 class AttentionGate(nn.Module):

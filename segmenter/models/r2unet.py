@@ -9,7 +9,7 @@ from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from segmenter.models.blocks import EncoderDecoder, ConvBNReLU, Down, UpCat, init_weights, widths
+from bloodcells.segmenter.models.blocks import EncoderDecoder, ConvBNReLU, Down, UpCat, init_weights, widths
 
 
 class RecurrentConv(nn.Module):

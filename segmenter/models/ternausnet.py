@@ -10,7 +10,7 @@ from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from segmenter.models.blocks import check_input, check_sizes, init_weights
+from bloodcells.segmenter.models.blocks import check_input, check_sizes, init_weights
 
 
 def vgg11_features(in_channels: int = 3, width: int = 32) -> nn.Sequential:

@@ -6,7 +6,7 @@ from typing import ClassVar
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
+from bloodcells.segmenter.models.blocks import EncoderDecoder, Down, TwoConv, UpCat, init_weights, widths
 
 
 class UNet(EncoderDecoder):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models.blocks import Down, TwoConv, UpCat, check_input, check_sizes, init_weights, widths
+from bloodcells.segmenter.models.blocks import Down, TwoConv, UpCat, check_input, check_sizes, init_weights, widths
 
 
 class UNetPlusPlus(nn.Module):

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.models import ARCHITECTURES, create_model
+from bloodcells.segmenter.models import ARCHITECTURES, create_model
 
 
 class ModelTest:

@@ -1,8 +1,8 @@
 """Attention U-Net: the shared model checks plus the gates' behaviour."""
 import torch
 
-from segmenter.models import create_model
-from segmenter.models.attention_unet import AttentionGate
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.models.attention_unet import AttentionGate
 
 from .base import ModelTest
 

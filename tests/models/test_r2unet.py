@@ -2,8 +2,8 @@
 import pytest
 
 from bloodcells.errors import BloodcellsError
-from segmenter.models import create_model
-from segmenter.models.r2unet import RecurrentConv
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.models.r2unet import RecurrentConv
 
 from .base import ModelTest
 

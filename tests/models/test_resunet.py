@@ -1,8 +1,8 @@
 """ResUNet: the shared model checks plus the residual units' strided downsampling."""
 import torch
 
-from segmenter.models import create_model
-from segmenter.models.resunet import ResidualUnit
+from bloodcells.segmenter.models import create_model
+from bloodcells.segmenter.models.resunet import ResidualUnit
 
 from .base import ModelTest
 

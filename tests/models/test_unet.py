@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bloodcells.errors import BloodcellsError
-from segmenter.models import ARCHITECTURES, UNet, create_model
+from bloodcells.segmenter.models import ARCHITECTURES, UNet, create_model
 
 from .base import ModelTest
 

@@ -2,8 +2,8 @@
 import torch
 
 from bloodcells.classes import NUM_CLASSES
-from segmenter.losses import CombinedLoss
-from segmenter.models import create_model
+from bloodcells.segmenter.losses import CombinedLoss
+from bloodcells.segmenter.models import create_model
 
 from .base import ModelTest
 

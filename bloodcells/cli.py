@@ -1,0 +1,383 @@
+"""bloodcells command line: thin wrappers that parse, call the library and print."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bloodcells.errors import BloodcellsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Blood-smear scene composer and multi-class U-Net segmenter.")
+sprites_app = typer.Typer(no_args_is_help=True, help="Cut single cells out of datasets into a sprite bank.")
+app.add_typer(sprites_app, name="sprites")
+
+
+@sprites_app.command("import")
+def sprites_import(
+    kind: str = typer.Argument(..., help="kaggle | crops | masked | lisc | iumc | boxes | mamic"),
+    root: Path = typer.Argument(..., help="the dataset folder (layouts: README 'Importing cells')"),
+    bank: Path = typer.Option(Path("sprites"), "--bank", help="sprite bank folder (created if missing)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="masked: CSV of image id -> class"),
+    mask_pattern: Optional[str] = typer.Option(None, "--mask-pattern", help="masked: mask file name, e.g. '{stem}_seg.png'"),
+    wbc_labels: Optional[Path] = typer.Option(None, "--wbc-labels", help="boxes: CSV of image number -> WBC subtype"),
+    boxes_csv: Optional[Path] = typer.Option(None, "--boxes-csv", help="boxes: CSV image,xmin,ymin,xmax,ymax,label"),
+    include_test: bool = typer.Option(False, "--include-test", help="boxes: also cut the ImageSets/Main/test.txt smears"),
+    alias: List[str] = typer.Option([], "--alias", help="extra class alias NAME=CLASS (CLASS may be 'skip'); repeatable"),
+    split: str = typer.Option("80/10/10", "--split", help="train/val/test shares, by source image"),
+    name: Optional[str] = typer.Option(None, "--name", help="source name in the index (default KIND:FOLDER)"),
+    workers: int = typer.Option(2, "--workers", min=1),
+) -> None:
+    """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
+    from bloodcells.composer.aliases import AliasTable
+    from bloodcells.composer.bank import SpriteBank, parse_fractions
+    from bloodcells.composer.sources import list_items
+
+    aliases = AliasTable(AliasTable.parse(alias))
+    items = list_items(kind, root, aliases, labels=labels, mask_pattern=mask_pattern, wbc_labels=wbc_labels,
+                       include_test=include_test, boxes_csv=boxes_csv)
+    summary = SpriteBank(bank).import_items(items, name or f"{kind}:{root.resolve().name}", workers,
+                                            parse_fractions(split))
+    typer.echo("\n".join(summary.lines()))
+    typer.echo(f"bank: {bank}  (see 'cli sprites stats {bank}')")
+
+
+@sprites_app.command("stats")
+def sprites_stats(bank: Path = typer.Argument(Path("sprites"))) -> None:
+    """Table of sprites per class x split x source, and rejections by reason."""
+    from bloodcells.composer.bank import SpriteBank, format_table
+
+    acc, rej = SpriteBank(bank).stats()
+    typer.echo(format_table(acc))
+    if len(rej) > 1:
+        typer.echo("\n" + format_table(rej))
+
+
+@sprites_app.command("sheet")
+def sprites_sheet(
+    bank: Path = typer.Argument(Path("sprites")),
+    out: Path = typer.Option(Path("sheet.png"), "--out"),
+    split: Optional[str] = typer.Option(None, "--split", help="only this split"),
+    per_class: int = typer.Option(12, "--per-class", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Contact sheet: a row of sprites per class with the mask outline drawn."""
+    from bloodcells.imageio import write_png
+    from bloodcells.composer.bank import SpriteBank
+    from bloodcells.composer.sheet import contact_sheet
+
+    sprites = SpriteBank(bank).load(split)
+    if not sprites:
+        raise BloodcellsError(f"{bank}: no sprites{' in split ' + split if split else ''}; import some first")
+    write_png(out, contact_sheet(sprites, per_class=per_class, seed=seed))
+    typer.echo(f"wrote {out} ({len(sprites)} sprites)")
+
+
+@app.command("compose")
+def compose_cmd(
+    recipe: str = typer.Option("balanced.yaml", "--recipe", help="recipe YAML, or a bare name in recipes/"),
+    sprites: Optional[Path] = typer.Option(None, "--sprites", help="sprite bank; omit for the built-in default"),
+    out: Optional[Path] = typer.Option(None, "--out", help="dataset folder (default data/<recipe name>)"),
+    workers: int = typer.Option(2, "--workers", min=1),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: render only this shard's canvases"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="override the recipe's seed"),
+) -> None:
+    """Compose 224x224 smear scenes with label maps from a recipe (resumes if interrupted)."""
+    from bloodcells.composer.dataset import compose, parse_shard, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+
+    r = load_recipe(recipe, {"seed": seed} if seed is not None else None)
+    out = out or Path("data") / r["name"]
+    pools, info = sprite_pools(sprites, r)
+    if sprites is None:
+        typer.echo("sprites: the built-in default (procedural cells drawn by the project; no dataset needed)")
+    summary = compose(r, pools, out, info, workers=workers, shard=parse_shard(shard))
+    typer.echo(f"{out}: rendered {summary['rendered']} scenes, {summary['resumed_from']} already there "
+               f"(shard {summary['shard']})")
+    if summary["complete"]:
+        d = summary["dataset"]
+        typer.echo("scenes: " + ", ".join(f"{k} {v}" for k, v in d["counts"].items()))
+        freq = d["class_frequencies"]
+        from bloodcells.classes import NAMES
+        typer.echo("pixel share: " + ", ".join(f"{n} {100 * f:.1f}%" for n, f in zip(NAMES, freq)))
+        typer.echo(f"wrote {out / 'dataset.json'}; look at it with 'cli show {out}'")
+    else:
+        typer.echo("other shards are still missing; dataset.json is written by the run that completes the set")
+
+
+@app.command("show")
+def show_cmd(
+    data: Path = typer.Argument(..., help="a composed dataset folder"),
+    split: str = typer.Option("train", "--split"),
+    n: int = typer.Option(16, "--n", min=1),
+    out: Path = typer.Option(Path("grid.png"), "--out"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Grid of scenes beside their colour-coded label maps, with a legend."""
+    from bloodcells.imageio import write_png
+    from bloodcells.composer.show import grid
+
+    write_png(out, grid(data, split, n, seed=seed))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("train")
+def train_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset folder (with dataset.json)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="unet | r2unet | attention_unet | unetpp | ternausnet | resunet (default unet)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="total epochs (default 10); with --resume it may extend the run"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<arch>)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from its last.pt"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per step (default 8)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="initial learning rate (default 1e-3)"),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="epochs after which the rate is multiplied by --gamma (default 5)"),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="learning-rate factor at each milestone (default 0.1)"),
+    dice_weight: Optional[float] = typer.Option(None, "--dice-weight", help="add this times the Dice loss to the weighted CE (default 0)"),
+    class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights", help="weight CE by dataset.json's class weights (default on)"),
+    weight_power: Optional[float] = typer.Option(None, "--weight-power", min=0.0, help="raise the class weights to this power: 1 median-frequency (default), 0.5 milder, 0 none"),
+    width: Optional[int] = typer.Option(None, "--width", min=1, help="first-level feature width (default 32)"),
+    option: List[str] = typer.Option([], "--option", help="architecture option KEY=VALUE, e.g. deep_supervision=true; repeatable"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of weights, order and augmentation (default 0)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (default auto: bf16 on CPUs with native bf16, mixed precision on GPUs)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="cap on steps per epoch"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips and quarter turns (default on)"),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a segmenter (or continue one with --resume); writes best.pt, last.pt, history.csv, curves.png."""
+    from bloodcells.segmenter.runtime import env_world
+    from bloodcells.segmenter.train import TrainConfig, parse_milestones, parse_model_options, resume_config, train
+
+    given = {"data": data, "arch": arch, "epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
+             "milestones": parse_milestones(milestones) if milestones is not None else None,
+             "dice_weight": dice_weight, "class_weights": class_weights, "weight_power": weight_power, "width": width,
+             "model_options": parse_model_options(option) if option else None, "seed": seed,
+             "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
+             "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,
+             "cache": cache, "progress": progress}
+    if resume is not None:
+        config = resume_config(resume, out=out, **given)
+    else:
+        given = {k: v for k, v in given.items() if v is not None}
+        config = TrainConfig(out=str(out or Path("runs") / given.get("arch", "unet")), **given)
+    main_rank = env_world()[0] == 0
+    try:
+        s = train(config)
+    except KeyboardInterrupt:
+        if main_rank:
+            typer.echo(f"interrupted: saved {Path(config.out) / 'last.pt'}; continue with: "
+                       f"cli train --resume {config.out}", err=True)
+        raise typer.Exit(130)
+    if not main_rank:
+        return
+    best = s["best"] or {}
+    typer.echo(f"{s['out']}: {s['epoch']}/{s['epochs']} epochs, {s['global_step']} steps, "
+               f"{s['images_per_s'] or 0:.1f} train img/s ({s['precision']} on {s['device']}, {s['world_size']} process(es))")
+    if best:
+        typer.echo(f"best epoch {best['epoch']}: pixel accuracy {best['pixel_accuracy']:.4f}, "
+                   f"val loss {best['val_loss']:.4f}, mIoU {best['miou']:.4f}  -> {s['best_path']}")
+    if s["stopped"]:
+        typer.echo(f"stopped ({s['stopped']}) with a resumable {s['last_path']}; continue with: "
+                   f"cli train --resume {s['out']}")
+    else:
+        typer.echo(f"evaluate with: cli evaluate --model {s['best_path']} --data {s['data']} --split test")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset folder (default: the one the model was trained on)"),
+    split: str = typer.Option("test", "--split"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, confusion.csv/.png (default <model dir>/<stem>-<split>)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(0, "--workers", min=0),
+) -> None:
+    """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix."""
+    from bloodcells.imageio import read_json
+    from bloodcells.segmenter.checkpoint import sidecar
+    from bloodcells.segmenter.evaluate import evaluate, format_table
+
+    if data is None and model.is_file():
+        trained_on = sidecar(model).is_file() and read_json(sidecar(model)).get("data")
+        if not trained_on:
+            raise BloodcellsError(f"{model}: no record of its dataset; pass --data")
+        data = Path(trained_on)
+    result = evaluate(model, data or Path("."), split, out, batch_size=batch_size, precision=precision, workers=workers,
+                      device=device)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {result['out']}/metrics.json, confusion.csv, confusion.png")
+
+
+# inference options shared by predict, colorize and evaluate-real
+TILE_OPTION = typer.Option(224, "--tile", help="sliding-window size (a multiple of 32)")
+OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)")
+BATCH_OPTION = typer.Option(8, "--batch", min=1, help="tiles per forward pass")
+PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16")
+BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
+@app.command("predict")
+def predict_cmd(
+    inputs: List[str] = typer.Argument(..., help="images, folders of images or glob patterns"),
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    out: Path = typer.Option(Path("preds"), "--out", help="folder for <stem>.png, <stem>_color.png and counts.csv"),
+    scale: str = typer.Option("1", "--scale", help="resize factor to the model's 40x scale (e.g. 0.36), or auto: estimate the RBC size per image"),
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset whose mean cell areas split touching cells (default: the checkpoint's, else the class table)"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
+    force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Class-index maps, colour maps and cell counts of real smears of any size (re-runs skip what is done)."""
+    from bloodcells.segmenter.predict import predict_files
+
+    s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
+                      device=device, force=force, data=data, progress=progress, balance=balance)
+    typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
+               f"(cell areas from {s.areas_source})")
+    cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
+    typer.echo(f"cells: {cells or 'none'}  -> {out / 'counts.csv'}")
+    for line in s.failed:
+        typer.echo(f"skipped: {line}", err=True)
+    if not s.ok:
+        raise BloodcellsError("no input could be predicted; see the skipped lines above")
+
+
+@app.command("colorize")
+def colorize_cmd(
+    inputs: List[str] = typer.Argument(..., help="images, folders, glob patterns or videos (frames in order)"),
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    out: Path = typer.Option(Path("result.gif"), "--out", help="result.gif or result.mp4"),
+    scale: str = typer.Option("1", "--scale", help="resize factor to 40x, or auto (estimated once per image or video)"),
+    layout: str = typer.Option("side", "--layout", help="side (image | colour map) | overlay | map"),
+    fps: float = typer.Option(5.0, "--fps", help="frames per second of the result (GIF: 1000/fps ms a frame)"),
+    every: int = typer.Option(1, "--every", min=1, help="video input: use every N-th frame"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="stop after this many frames"),
+    width: Optional[int] = typer.Option(None, "--width", min=16, help="resize frames to this width (default: as rendered)"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """An animated GIF or an MP4 of smears (or a video's frames) beside their colour-coded predictions."""
+    from bloodcells.segmenter.predict import colorize_run
+
+    r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
+                     width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
+                     progress=progress, balance=balance)
+    for line in r["failed"]:
+        typer.echo(f"skipped: {line}", err=True)
+    typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
+               f"(scale {r['scale_min']:.3f}..{r['scale_max']:.3f})")
+
+
+@app.command("evaluate-real")
+def evaluate_real_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    voc: Optional[Path] = typer.Option(None, "--voc", help="Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/)"),
+    yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO folder (images/, labels/, classes.txt)"),
+    split: str = typer.Option("test", "--split", help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/; all: every image"),
+    scale: str = typer.Option("auto", "--scale", help="resize factor to 40x, or auto (per image)"),
+    iou: float = typer.Option(0.3, "--iou", help="a component matches a box when their IoU is at least this"),
+    min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop components below this share of one cell's area"),
+    wbc_labels: Optional[Path] = typer.Option(None, "--wbc-labels", help="CSV Image,Category of WBC subtypes (BCCD: wbc_subtype_labels_mooney.csv)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json (default <model dir>/<stem>-real-<split>)"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="only the first N images"),
+    data: Optional[Path] = typer.Option(None, "--data", help="composed dataset for the expected cell areas"),
+    tile: int = TILE_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    batch: int = BATCH_OPTION,
+    precision: str = PRECISION_OPTION,
+    balance: bool = BALANCE_OPTION,
+    device: str = DEVICE_OPTION,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Recall / precision / F1 per RBC, WBC and platelet group on real smears with boxes; WBC subtype accuracy."""
+    from bloodcells.segmenter.realeval import evaluate_real, format_table
+
+    if (voc is None) == (yolo is None):
+        raise BloodcellsError("give exactly one of --voc FOLDER or --yolo FOLDER")
+    result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
+                           iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
+                           tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
+                           progress=progress, balance=balance)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {result['out']}/metrics.json")
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Path = typer.Option(Path("quickstart"), "--out", help="folder for everything it makes"),
+    minutes: float = typer.Option(4.0, "--minutes", min=0.1, help="training time budget"),
+    sprites: Optional[Path] = typer.Option(None, "--sprites", help="a sprite bank (default: the built-in sprites)"),
+) -> None:
+    """The whole pipeline in one go: compose a small set, train a small U-Net, predict, write a GIF."""
+    import time
+
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+    from bloodcells.segmenter.evaluate import evaluate
+    from bloodcells.segmenter.predict import colorize_run, predict_files
+    from bloodcells.segmenter.train import TrainConfig, train
+
+    t0 = time.time()
+    data, run, preds = out / "data", out / "run", out / "predictions"
+    r = load_recipe("quickstart")
+    pools, info = sprite_pools(sprites, r)
+    typer.echo(f"1/4 compose {sum(r['scenes'].values())} scenes from "
+               f"{'the built-in default sprites' if sprites is None else sprites} -> {data}")
+    compose(r, pools, data, info, workers=2)
+    typer.echo(f"2/4 train a U-Net (width 16) for up to {minutes:g} min -> {run}")
+    resume = str(run) if (run / "last.pt").is_file() else None
+    cfg = TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=40, steps_per_epoch=40,
+                      milestones=(30,), lr=2e-3, dice_weight=0.5, weight_power=0.5, max_minutes=minutes,
+                      resume=resume)
+    s = train(cfg)
+    # a budget that ends before the first validation leaves only last.pt
+    model = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+    typer.echo("3/4 evaluate on the test split")
+    m = evaluate(model, data, "test", out=run / "test")
+    typer.echo("4/4 predict the test scenes and render them")
+    tests = sorted((data / "test" / "images").glob("*.png"))[:24]
+    summary = predict_files(model, tests, preds, progress=False)
+    gif = out / "predictions.gif"
+    colorize_run(model, tests, gif, progress=False)
+    typer.echo(f"done in {(time.time() - t0) / 60:.1f} min: test pixel accuracy {m['pixel_accuracy']:.3f}, "
+               f"mIoU {m['miou']:.3f} after {s.get('epoch', '?')} epochs")
+    typer.echo(f"  scenes      {data}  (look: cli show {data})")
+    typer.echo(f"  model       {model}  (curves: {run / 'curves.png'})")
+    typer.echo(f"  evaluation  {run / 'test'}  (confusion.png, metrics.json)")
+    typer.echo(f"  predictions {preds}  ({len(summary.done) + len(summary.resumed)} maps, counts.csv)")
+    typer.echo(f"  animation   {gif}")
+
+
+def main() -> None:
+    """Entry point: user errors print as one line and exit 1, with no traceback."""
+    try:
+        app()
+    except BloodcellsError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: work written so far is kept; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
