@@ -201,7 +201,7 @@ def evaluate_cmd(
     workers: int = typer.Option(0, "--workers", min=0),
 ) -> None:
     """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix."""
-    from bloodcells.imageio import read_json
+    from bloodcells.formats import read_json
     from bloodcells.segmenter.checkpoint import sidecar
     from bloodcells.segmenter.evaluate import evaluate, format_table
 

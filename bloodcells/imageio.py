@@ -1,7 +1,6 @@
 """Image reading and atomic writing at the edges; everything else works on arrays."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -93,20 +92,6 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_png(path: str | Path, arr: np.ndarray, level: int = 1) -> None:
     write_bytes_atomic(path, encode_png(arr, level))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BloodcellsError(f"{path}: not found; check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BloodcellsError(f"{path}: not valid JSON ({e}); delete it and re-create it") from None
 
 
 def list_images(folder: str | Path) -> list[Path]:

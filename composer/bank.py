@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from bloodcells.classes import NAMES
 from bloodcells.errors import BloodcellsError, disk_errors
+from bloodcells.formats import SPLITS
 from bloodcells.imageio import read_rgba, write_bytes_atomic
 
 from .cutter import cut_item, sprite_id
 from .sources import Item
 from .sprite import Sprite
 
-SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 

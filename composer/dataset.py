@@ -21,14 +21,13 @@ from tqdm import tqdm
 import bloodcells
 from bloodcells.classes import NAMES, NUM_CLASSES, index_of
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import encode_png, write_bytes_atomic, write_json
+from bloodcells.formats import (DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, median_frequency_weights, read_json,
+                                scene_id, scene_paths, write_json)
+from bloodcells.imageio import encode_png, write_bytes_atomic
 
 from .recipe import KINDS, OBJECT_CLASSES
 from .scene import Placed, Prepared, build_clump, feather, finish_look, jitter_gains, paste, place_sprite, rbc_canvas, transform
 from .sprite import Sprite
-
-SPLITS = ("train", "val", "test")
-SPLIT_ID = {s: i for i, s in enumerate(SPLITS)}
 
 
 @dataclass(frozen=True)
@@ -197,11 +196,6 @@ def scene_stats(img: np.ndarray, label: np.ndarray) -> dict:
             "sum": (hist @ _LEVELS).tolist(), "sumsq": (hist @ (_LEVELS * _LEVELS)).tolist()}
 
 
-def scene_paths(out: Path, split: str, sid: str) -> tuple[Path, Path, Path]:
-    return (out / split / "images" / f"{sid}.png", out / split / "labels" / f"{sid}.png",
-            out / split / "annotations" / f"{sid}.json")
-
-
 _STATE: dict = {}
 
 
@@ -218,10 +212,10 @@ def _render_block(task: tuple[str, list[int]]) -> int:
     for i in indices:
         img, label, ann = comp.scene(i)
         ann.update(scene_stats(img, label))
-        ip, lp, ap = scene_paths(_STATE["out"], split, ann["id"])
-        write_bytes_atomic(ip, encode_png(img, level=1, png_filter="sub"))
-        write_bytes_atomic(lp, encode_png(label, level=1, png_filter="none"))
-        write_bytes_atomic(ap, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
+        paths = scene_paths(_STATE["out"], split, ann["id"])
+        write_bytes_atomic(paths.image, encode_png(img, level=1, png_filter="sub"))
+        write_bytes_atomic(paths.label, encode_png(label, level=1, png_filter="none"))
+        write_bytes_atomic(paths.annotation, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
     return len(indices)
 
 
@@ -253,7 +247,7 @@ def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, 
                 continue
             block = [i for i in range(c * win, min(n, (c + 1) * win))]
             total += len(block)
-            todo = [i for i in block if not scene_paths(out, split, f"{i:06d}")[2].exists()]
+            todo = [i for i in block if not scene_paths(out, split, scene_id(i)).annotation.exists()]
             skipped += len(block) - len(todo)
             if todo:
                 tasks.append((split, todo))
@@ -274,7 +268,7 @@ def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, 
                     done += k
                     bar.update(k)
     summary = {"rendered": done, "resumed_from": skipped, "shard": f"{shard[0]}/{shard[1]}", "complete": False}
-    if all(scene_paths(out, s, f"{i:06d}")[2].exists() for s in SPLITS for i in range(recipe["scenes"].get(s, 0))):
+    if all(scene_paths(out, s, scene_id(i)).annotation.exists() for s in SPLITS for i in range(recipe["scenes"].get(s, 0))):
         summary["dataset"] = finalise(out, recipe, sprites_info)
         summary["complete"] = True
     return summary
@@ -296,16 +290,6 @@ def _guard_same_recipe(out: Path, recipe: dict, sprites_info: dict) -> None:
         write_json(marker, mine)
 
 
-def class_weights(freq: np.ndarray) -> np.ndarray:
-    """Median-frequency balancing; classes never seen get the largest weight of the others."""
-    seen = freq > 0
-    w = np.zeros_like(freq)
-    if seen.any():
-        w[seen] = np.median(freq[seen]) / freq[seen]
-        w[~seen] = w[seen].max()
-    return w
-
-
 def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     """Aggregate every scene's stats into dataset.json."""
     counts, pixels = {}, {}
@@ -317,7 +301,7 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
         px = np.zeros(NUM_CLASSES, np.int64)
         oc = np.zeros(NUM_CLASSES, np.int64)
         for i in range(n):
-            ann = json.loads(scene_paths(out, split, f"{i:06d}")[2].read_text())
+            ann = json.loads(scene_paths(out, split, scene_id(i)).annotation.read_text())
             px += np.array(ann["pixels"], np.int64)
             for o in ann["objects"]:
                 oc[NAMES.index(o["class"])] += 1
@@ -334,25 +318,17 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
         npx = 1
     mean = s1 / npx / 255.0
     std = np.sqrt(np.maximum(s2 / npx / 255.0 ** 2 - mean ** 2, 1e-12))
-    info = {
-        "format": 1,
-        "name": recipe["name"],
-        "seed": recipe["seed"],
-        "recipe": recipe,
-        "versions": {"bloodcells": bloodcells.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
-                     "python": platform.python_version()},
-        "classes": list(NAMES),
-        "scene_size": recipe["scene_size"],
-        "counts": counts,
-        "class_pixels": pixels,
-        "object_counts": objects,
-        "class_frequencies": [round(float(f), 8) for f in freq],
-        "class_weights": [round(float(w), 6) for w in class_weights(freq)],
-        "mean": [round(float(m), 6) for m in mean],
-        "std": [round(float(s), 6) for s in std],
-        "sprites": sprites_info,
-    }
-    write_json(out / "dataset.json", info)
+    info = DatasetInfo(
+        root=out, name=recipe["name"], seed=recipe["seed"], format=DATASET_FORMAT, counts=counts,
+        class_pixels=pixels, object_counts=objects,
+        class_frequencies=[round(float(f), 8) for f in freq],
+        class_weights=[round(float(w), 6) for w in median_frequency_weights(freq)],
+        mean=tuple(round(float(m), 6) for m in mean), std=tuple(round(float(s), 6) for s in std),
+        raw={"recipe": recipe, "scene_size": recipe["scene_size"], "sprites": sprites_info,
+             "versions": {"bloodcells": bloodcells.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
+                          "python": platform.python_version()}})
+    info.write()
+    info = read_json(info.path)
     return info
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from bloodcells.classes import CLASSES, NAMES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import write_bytes_atomic, write_json
+from bloodcells.formats import write_json
+from bloodcells.imageio import write_bytes_atomic
 from bloodcells.segmenter.models import create_model
 
 FORMAT = 1

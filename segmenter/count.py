@@ -16,7 +16,7 @@ import numpy as np
 
 from bloodcells.classes import BY_NAME, CLASSES, NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import read_json
+from bloodcells.formats import read_json
 
 MIN_FRACTION = 0.15  # components smaller than this share of one cell's expected area are specks
 

@@ -15,10 +15,9 @@ from torch.utils.data import Dataset, Sampler
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import read_gray, read_json, read_rgb
-from bloodcells.segmenter.losses import class_weights_from_frequencies
+from bloodcells.formats import SPLITS, DatasetInfo, split_ids
+from bloodcells.imageio import read_gray, read_rgb
 
-SPLITS = ("train", "val", "test")
 MAX_CACHE_GB = 4.0  # a 10k-image 224x224 split takes 2 GB as uint8 images + labels
 
 
@@ -30,96 +29,6 @@ def default_cache_limit_gb() -> float:
         return MAX_CACHE_GB
     local_world = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
     return min(MAX_CACHE_GB, ram / 4 / local_world)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """The parts of `<data>/dataset.json` that training and evaluation use."""
-
-    root: Path
-    seed: int | None
-    counts: dict[str, int]
-    class_frequencies: list[float] | None
-    class_weights: list[float] | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    classes: tuple[str, ...]
-
-    def loss_weights(self) -> torch.Tensor:
-        """Class weights for the loss: as stored, else recomputed from the train-split frequencies."""
-        if self.class_weights is not None:
-            return torch.tensor(self.class_weights, dtype=torch.float32)
-        if self.class_frequencies is not None:
-            return class_weights_from_frequencies(self.class_frequencies)
-        raise BloodcellsError(f"{self.root / 'dataset.json'}: has neither 'class_weights' nor 'class_frequencies'; "
-                              "re-compose the dataset or train without class weights")
-
-
-def _triple(value: object, key: str, path: Path) -> tuple[float, float, float]:
-    try:
-        t = tuple(float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        t = ()
-    if len(t) != 3 or not all(math.isfinite(v) for v in t):
-        raise BloodcellsError(f"{path}: '{key}' must be 3 numbers (RGB, 0..1 scale); got {value!r}")
-    return t  # type: ignore[return-value]
-
-
-def _ten(value: object, key: str, path: Path) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        t = [float(v) for v in value]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        t = []
-    if len(t) != NUM_CLASSES:
-        raise BloodcellsError(f"{path}: '{key}' must be {NUM_CLASSES} numbers, one per class; got {value!r}")
-    return t
-
-
-def read_dataset_info(root: str | Path) -> DatasetInfo:
-    """Load and check `<root>/dataset.json`; a missing or malformed file is a BloodcellsError."""
-    root = Path(root)
-    path = root / "dataset.json"
-    if not path.is_file():
-        hint = "the folder does not exist" if not root.is_dir() else "it is not a composed dataset"
-        raise BloodcellsError(f"{path}: not found ({hint}); compose one with 'cli compose' or check --data")
-    meta = read_json(path)
-    if not isinstance(meta, dict):
-        raise BloodcellsError(f"{path}: expected a JSON object; re-compose the dataset")
-    missing = [k for k in ("mean", "std") if k not in meta]
-    if missing:
-        raise BloodcellsError(f"{path}: lacks {', '.join(missing)}; re-compose the dataset")
-    std = _triple(meta["std"], "std", path)
-    if min(std) <= 0:
-        raise BloodcellsError(f"{path}: 'std' must be > 0; got {list(std)}")
-    classes = tuple(meta.get("classes") or NAMES)
-    if classes != NAMES:
-        raise BloodcellsError(f"{path}: classes {list(classes)} differ from this version's {list(NAMES)}; "
-                              "re-compose the dataset")
-    return DatasetInfo(root=root, seed=meta.get("seed"), counts=dict(meta.get("counts") or {}),
-                       class_frequencies=_ten(meta.get("class_frequencies"), "class_frequencies", path),
-                       class_weights=_ten(meta.get("class_weights"), "class_weights", path),
-                       mean=_triple(meta["mean"], "mean", path), std=std, classes=classes)
-
-
-def split_ids(root: str | Path, split: str) -> list[str]:
-    """Sorted sample ids of one split; every image must have a label of the same id."""
-    root = Path(root)
-    images, labels = root / split / "images", root / split / "labels"
-    for folder in (images, labels):
-        if not folder.is_dir():
-            raise BloodcellsError(f"{folder}: missing; the dataset has no '{split}' split "
-                                  f"(splits present: {', '.join(s for s in SPLITS if (root / s).is_dir()) or 'none'})")
-    ids = sorted(p.stem for p in images.glob("*.png"))
-    if not ids:
-        raise BloodcellsError(f"{images}: no .png images; re-compose the dataset")
-    have = {p.stem for p in labels.glob("*.png")}
-    lacking = [i for i in ids if i not in have]
-    if lacking:
-        raise BloodcellsError(f"{labels / (lacking[0] + '.png')}: missing label for image {lacking[0]} "
-                              f"({len(lacking)} without labels); re-compose the dataset")
-    return ids
 
 
 def read_sample(root: Path, split: str, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +83,7 @@ class SegmentationDataset(Dataset):
                  std: Sequence[float] | None = None, augment: bool = False, seed: int = 0,
                  cache: bool | None = None, cache_limit_gb: float | None = None) -> None:
         self.root = Path(root)
-        self.info = read_dataset_info(self.root)
+        self.info = DatasetInfo.read(self.root)
         self.split = split
         self.ids = split_ids(self.root, split)
         self.mean = tuple(mean) if mean is not None else self.info.mean

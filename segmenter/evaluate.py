@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
-from bloodcells.imageio import write_bytes_atomic, write_json, write_png
+from bloodcells.formats import json_safe, write_json
+from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import confusion_heatmap
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.data import SegmentationDataset, ShardSampler
@@ -52,17 +53,6 @@ def class_table(counts: np.ndarray) -> list[dict[str, Any]]:
     return [{"class": name, "iou": m["per_class_iou"][i], "dice": m["per_class_dice"][i],
              "accuracy": m["per_class_accuracy"][i], "pixel_share": float(share[i]), "pixels": int(true[i])}
             for i, name in enumerate(NAMES[:len(true)])]
-
-
-def json_safe(obj: Any) -> Any:
-    """Replace NaN / inf floats by None, recursively, so the JSON is standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def confusion_csv(counts: np.ndarray, names: tuple[str, ...] = NAMES) -> str:
@@ -116,7 +106,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
                               "precision": runtime.precision, **metrics_from_confusion(counts),
                               "table": class_table(counts), "confusion": counts.tolist(), "out": str(out)}
     if runtime.is_main:
-        write_json(out / "metrics.json", json_safe(result))
+        write_json(out / "metrics.json", result)
         write_bytes_atomic(out / "confusion.csv", confusion_csv(counts).encode())
         write_png(out / "confusion.png", confusion_heatmap(counts, NAMES))
     return result

@@ -9,32 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from bloodcells.errors import BloodcellsError
+from bloodcells.formats import median_frequency_weights
 
 Logits = torch.Tensor | Sequence[torch.Tensor]  # a list when a model is deep-supervised
 
 
 def class_weights_from_frequencies(freqs: Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Median-frequency balancing (Eigen & Fergus 2015): weight_c = median(freq) / freq_c.
-
-    `freqs` are per-class pixel counts or fractions (the scale cancels). The median is
-    taken over the classes that occur; a class with zero frequency gets the largest
-    weight of the others, i.e. it is treated as at least as rare as the rarest class
-    seen, so its pixels still count fully if they appear at validation or test time.
-    """
-    f = torch.as_tensor(np.asarray(freqs, dtype=np.float64))
-    if f.dim() != 1 or f.numel() == 0:
-        raise BloodcellsError(f"class frequencies must be a non-empty 1-D list; got shape {tuple(f.shape)}")
-    if not torch.isfinite(f).all() or (f < 0).any():
-        raise BloodcellsError(f"class frequencies must be finite and >= 0; got {f.tolist()}")
-    present = f > 0
-    if not present.any():
-        raise BloodcellsError("all class frequencies are zero; the dataset has no labelled pixels")
-    # torch.median takes the lower middle value; numpy's mean-of-the-two-middles is the usual definition
-    median = float(np.median(f[present].numpy()))
-    weights = torch.zeros_like(f)
-    weights[present] = median / f[present]
-    weights[~present] = weights[present].max()
-    return weights.float()
+    """Median-frequency class weights (bloodcells.formats.median_frequency_weights) as a float32 tensor."""
+    f = freqs.detach().cpu().numpy() if isinstance(freqs, torch.Tensor) else freqs
+    return torch.from_numpy(median_frequency_weights(f)).float()
 
 
 class SegmentationLoss(nn.Module):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_json, write_png
+from bloodcells.formats import write_json
+from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import count_cells, resolve_areas
 from bloodcells.segmenter.infer import Prediction, auto_scale, parse_scale, predict

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from bloodcells.classes import CLASSES, GROUPS, NAMES, NUM_CLASSES, index_of
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import IMAGE_SUFFIXES, read_rgb, write_json
+from bloodcells.formats import write_json
+from bloodcells.imageio import IMAGE_SUFFIXES, read_rgb
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_scale
 from bloodcells.segmenter.predict import load_predictor
@@ -322,19 +323,8 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "per_image": per_image,
         "out": str(out),
     }
-    write_json(out / "metrics.json", _json_safe(result))
+    write_json(out / "metrics.json", result)
     return result
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN / inf -> None so the JSON is standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def format_table(result: Mapping[str, Any]) -> str:

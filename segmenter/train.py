@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import read_json, write_bytes_atomic, write_png
+from bloodcells.formats import DatasetInfo, json_safe
+from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import training_curves
 from bloodcells.segmenter.count import expected_areas
 from bloodcells.segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
-from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, read_dataset_info
-from bloodcells.segmenter.evaluate import json_safe, run_model
+from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler
+from bloodcells.segmenter.evaluate import run_model
 from bloodcells.segmenter.losses import CombinedLoss
 from bloodcells.segmenter.metrics import all_reduce
 from bloodcells.segmenter.models import create_model
@@ -188,10 +189,10 @@ class _Run:
             if not payload.get("training"):
                 raise BloodcellsError(f"{last_checkpoint(cfg.resume)}: holds no training state; it cannot be resumed")
             self._check_same_run(TrainConfig.from_dict(payload["training"]["config"]))
-        info = read_dataset_info(cfg.data)  # type: ignore[arg-type]
+        info = DatasetInfo.read(cfg.data)  # type: ignore[arg-type]
         # mean visible area per object and class, for counting cells in predicted maps later
         self.cell_area = {NAMES[k]: round(v, 1) for k, v in
-                          expected_areas(read_json(Path(cfg.data) / "dataset.json")).items()}  # type: ignore[arg-type]
+                          expected_areas(info.raw).items()}  # type: ignore[arg-type]
         if payload is not None:
             norm = payload["normalization"]
             self.mean, self.std = tuple(norm["mean"]), tuple(norm["std"])
@@ -199,7 +200,8 @@ class _Run:
             self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         else:
             self.mean, self.std = info.mean, info.std
-            self.class_weights = info.loss_weights() ** cfg.weight_power if cfg.class_weights else None
+            self.class_weights = (torch.tensor(info.loss_weights() ** cfg.weight_power, dtype=torch.float32)
+                                  if cfg.class_weights else None)
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
                                              augment=cfg.augment, seed=cfg.seed, cache=cfg.cache)
         self.val_set = SegmentationDataset(cfg.data, cfg.val_split, self.mean, self.std,  # type: ignore[arg-type]

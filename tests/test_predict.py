@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize, index_of
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import read_gray, read_json, read_rgb, write_png
+from bloodcells.formats import read_json
+from bloodcells.imageio import read_gray, read_rgb, write_png
 from bloodcells.segmenter.checkpoint import save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
 from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,

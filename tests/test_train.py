@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.imageio import read_json, write_json, write_png
+from bloodcells.formats import DatasetInfo, read_json, write_json
+from bloodcells.imageio import write_png
 from bloodcells.segmenter.charts import confusion_heatmap, nice_ticks, training_curves
 from bloodcells.segmenter.checkpoint import load_checkpoint, load_model
-from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, flip_rotate, read_dataset_info, to_tensor
+from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, flip_rotate, to_tensor
 from bloodcells.segmenter.evaluate import evaluate, format_table
 from bloodcells.segmenter.losses import class_weights_from_frequencies
 from bloodcells.segmenter.runtime import cpu_bf16_supported, resolve_precision
@@ -112,7 +113,7 @@ def test_best_and_last_checkpoints_with_json(overfit, data) -> None:
     out = Path(cfg.out)
     for name in ("best.pt", "last.pt", "best.json", "last.json", "history.csv", "curves.png"):
         assert (out / name).is_file(), name
-    info = read_dataset_info(data)
+    info = DatasetInfo.read(data)
     last, best = read_json(out / "last.json"), read_json(out / "best.json")
     accs = [r["pixel_accuracy"] for r in s["history"]]
     best_epoch = int(np.argmax(accs)) + 1  # first epoch with the highest accuracy
@@ -250,7 +251,7 @@ def test_evaluate_writes_files_and_matches_direct_computation(overfit, data, tmp
 # ---- data -------------------------------------------------------------------------------
 
 def test_dataset_normalises_caches_and_augments_consistently(data) -> None:
-    info = read_dataset_info(data)
+    info = DatasetInfo.read(data)
     plain = SegmentationDataset(data, "train", cache=False)
     cached = SegmentationDataset(data, "train", cache=True)
     assert not plain.cached and cached.cached and len(plain) == 32
