@@ -29,6 +29,8 @@ def sprites_import(
     split: str = typer.Option("80/10/10", "--split", help="train/val/test shares, by source image"),
     name: Optional[str] = typer.Option(None, "--name", help="source name in the index (default KIND:FOLDER)"),
     workers: int = typer.Option(2, "--workers", min=1),
+    backgrounds: bool = typer.Option(True, "--backgrounds/--no-backgrounds",
+                                     help="also keep each smear's plasma (its cell-free background) as a background field"),
 ) -> None:
     """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
     from bloodcells.composer.aliases import AliasTable
@@ -39,7 +41,7 @@ def sprites_import(
     items = list_items(kind, root, aliases, labels=labels, mask_pattern=mask_pattern, wbc_labels=wbc_labels,
                        include_test=include_test, boxes_csv=boxes_csv)
     summary = SpriteBank(bank).import_items(items, name or f"{kind}:{root.resolve().name}", workers,
-                                            parse_fractions(split))
+                                            parse_fractions(split), fields=backgrounds)
     typer.echo("\n".join(summary.lines()))
     typer.echo(f"bank: {bank}  (see 'cli sprites stats {bank}')")
 

@@ -171,12 +171,17 @@ class DatasetInfo:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # train images, per channel, 0..1 scale
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     classes: tuple[str, ...] = NAMES
-    instances: bool = False  # whether every scene has an instance map
+    instances_per_scene: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> mean / min / max
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def path(self) -> Path:
         return self.root / DATASET_FILE
+
+    @property
+    def has_instances(self) -> bool:
+        """Whether the scenes carry instance maps (datasets of format 2 on)."""
+        return self.format >= 2
 
     def loss_weights(self) -> np.ndarray:
         """Class weights for the loss: as stored, else recomputed from the train-split frequencies."""
@@ -214,7 +219,7 @@ class DatasetInfo:
                    class_frequencies=_per_class(meta.get("class_frequencies"), "class_frequencies", path),
                    class_weights=_per_class(meta.get("class_weights"), "class_weights", path),
                    mean=_triple(meta["mean"], "mean", path), std=std, classes=classes,
-                   instances=bool(meta.get("instances", False)), raw=meta)
+                   instances_per_scene=dict(meta.get("instances_per_scene") or {}), raw=meta)
 
     def write(self) -> None:
         """Write `<root>/dataset.json` atomically (raw keys the fields do not cover are kept)."""
@@ -222,5 +227,6 @@ class DatasetInfo:
         d.update({"format": self.format, "name": self.name, "seed": self.seed, "classes": list(self.classes),
                   "counts": self.counts, "class_pixels": self.class_pixels, "object_counts": self.object_counts,
                   "class_frequencies": self.class_frequencies, "class_weights": self.class_weights,
-                  "mean": list(self.mean), "std": list(self.std), "instances": self.instances})
+                  "mean": list(self.mean), "std": list(self.std),
+                  "instances_per_scene": self.instances_per_scene})
         write_json(self.path, d)

@@ -64,18 +64,21 @@ class ImportSummary:
     items: int = 0
     already: int = 0
     accepted: Counter = field(default_factory=Counter)  # class -> n
+    fields: int = 0  # plasma (background) fields kept
     rejected: Counter = field(default_factory=Counter)  # reason -> n
 
     def lines(self) -> list[str]:
         out = [f"{self.source}: {self.items} source images, {self.already} already in the bank, "
-               f"{sum(self.accepted.values())} sprites added, {sum(self.rejected.values())} rejected"]
+               f"{sum(self.accepted.values())} sprites added, {sum(self.rejected.values())} rejected, "
+               f"{self.fields} plasma fields"]
         out += [f"  + {c:<15} {n}" for c, n in sorted(self.accepted.items())]
         out += [f"  - {n:>5}  {r}" for r, n in self.rejected.most_common()]
         return out
 
 
-def _work(item: Item):
-    return item, cut_item(item)
+def _work(task: tuple[Item, bool]):
+    item, fields = task
+    return item, cut_item(item, fields)
 
 
 def _init_worker() -> None:
@@ -104,31 +107,35 @@ class SpriteBank:
                                           "and re-run the import to redo that image") from None
         return out
 
-    def records(self) -> list[dict]:
-        """One flat record per accepted sprite (DESIGN.md sprite record)."""
+    def records(self, fields: bool = False) -> list[dict]:
+        """One flat record per accepted sprite (DESIGN.md sprite record); with `fields`, also the plasma fields
+        (class 'background')."""
         recs = []
         for e in self.entries():
             for s in e["sprites"]:
+                if s["class"] == "background" and not fields:
+                    continue
                 recs.append({"id": s["id"], "class": s["class"], "source": e["source"], "source_file": e["file"],
                              "box": s["box"], "diameter": s["diameter"], "split": e["split"], "mask": s["mask"],
-                             "path": f"{s['class']}/{s['id']}.png"})
+                             "path": f"{s['class']}/{s['id']}.png", "background": s.get("background")})
         return recs
 
     def bank_id(self) -> str:
         """Content id: a hash of the sorted sprite ids and splits."""
-        ids = sorted(f"{r['id']}:{r['split']}" for r in self.records())
+        ids = sorted(f"{r['id']}:{r['split']}" for r in self.records(fields=True))
         return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
     def load(self, split: str | None = None) -> list[Sprite]:
         """Sprites of one split (or all), sorted by class then id for determinism."""
         if not self.root.is_dir():
             raise BloodcellsError(f"{self.root}: no sprite bank here; create one with 'cli sprites import'")
-        recs = [r for r in self.records() if split is None or r["split"] == split]
+        recs = [r for r in self.records(fields=True) if split is None or r["split"] == split]
         recs.sort(key=lambda r: (NAMES.index(r["class"]), r["id"]))
         out = []
         for r in recs:
             rgba = read_rgba(self.root / r["path"])
-            out.append(Sprite(r["id"], r["class"], rgba, float(r["diameter"]), r["split"], r["source"]))
+            bg = tuple(float(v) for v in r["background"]) if r.get("background") else None
+            out.append(Sprite(r["id"], r["class"], rgba, float(r["diameter"]), r["split"], r["source"], bg))
         return out
 
     # ---- writing ---------------------------------------------------------------------
@@ -158,9 +165,9 @@ class SpriteBank:
                     f.truncate(data.rfind(b"\n") + 1)
 
     def import_items(self, items: list[Item], source: str, workers: int = 2,
-                     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-                     progress: bool = True) -> ImportSummary:
-        """Cut every new item into sprites; append one index line per source image."""
+                      fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+                     progress: bool = True, fields: bool = True) -> ImportSummary:
+        """Cut every new item into sprites (and, with `fields`, its plasma field); one index line per source image."""
         summary = ImportSummary(source, items=len(items))
         with self._locked():
             done = {e["key"] for e in self.entries()}
@@ -169,7 +176,8 @@ class SpriteBank:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
             pool = ctx.Pool(workers, initializer=_init_worker) if workers > 1 and len(todo) > 8 else None
             try:
-                results = pool.imap(_work, todo, chunksize=4) if pool else map(_work, todo)
+                tasks = [(it, fields) for it in todo]
+                results = pool.imap(_work, tasks, chunksize=4) if pool else map(_work, tasks)
                 with open(self.index_path, "ab") as index:
                     for item, cuts in tqdm(results, total=len(todo), desc=f"import {source}", unit="img",
                                            disable=not progress, leave=False):
@@ -193,8 +201,14 @@ class SpriteBank:
                 continue
             sid = sprite_id(item.key, c.index)
             write_bytes_atomic(self.root / c.cls / f"{sid}.png", c.png)
-            sprites.append({"id": sid, "class": c.cls, "box": list(c.box), "diameter": c.diameter, "mask": c.mask})
-            summary.accepted[c.cls] += 1
+            rec = {"id": sid, "class": c.cls, "box": list(c.box), "diameter": c.diameter, "mask": c.mask}
+            if c.background is not None:
+                rec["background"] = list(c.background)
+            sprites.append(rec)
+            if c.cls == "background":
+                summary.fields += 1
+            else:
+                summary.accepted[c.cls] += 1
         line = {"key": item.key, "source": source, "file": str(item.path), "split": split,
                 "sprites": sprites, "rejected": rejected}
         with disk_errors(self.index_path):
@@ -218,7 +232,7 @@ class SpriteBank:
                 rej[(e["source"], r["reason"])] += 1
         head = ["class"] + [f"{sp}" for sp in SPLITS] + ["total"] + sources
         rows = [head]
-        for cls in NAMES[1:]:
+        for cls in NAMES[1:] + ("background",):
             per_split = [sum(v for (c, sp, _), v in acc.items() if c == cls and sp == s) for s in SPLITS]
             per_src = [sum(v for (c, _, so), v in acc.items() if c == cls and so == src) for src in sources]
             rows.append([cls] + [str(n) for n in per_split] + [str(sum(per_split))] + [str(n) for n in per_src])

@@ -29,6 +29,7 @@ class Cut:
     reason: str | None = None
     png: bytes | None = None
     diameter: float = 0.0
+    background: tuple[float, float, float] | None = None  # the plasma colour the cell was seen against
 
 
 def sprite_id(key: str, index: int) -> str:
@@ -58,36 +59,83 @@ def _auto_method(rgb: np.ndarray) -> tuple[str, np.ndarray]:
     return "stained", ~black
 
 
-def _single(rgb: np.ndarray, item: Item) -> tuple[np.ndarray, str | None, str]:
+def _single(rgb: np.ndarray, item: Item) -> tuple[np.ndarray, str | None, str, np.ndarray | None]:
+    """(mask, rejection reason, mask method, valid pixels or None when the cell lies on black)."""
     method = item.method
     valid = None
     if method == "auto":
         method, valid = _auto_method(rgb)
     if method == "black":
         m, r = black_background_mask(rgb)
-        return m, r, "threshold"
+        return m, r, "threshold", None
     if method == "given":
         mask = read_gray(item.mask_path)
         if mask.shape != rgb.shape[:2]:
             return (np.zeros(rgb.shape[:2], bool),
-                    f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {rgb.shape[1]}x{rgb.shape[0]}", "given")
+                    f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image {rgb.shape[1]}x{rgb.shape[0]}",
+                    "given", None)
         m = finish(mask > 0, sigma=0.0, open_r=1)
-        return m, plausibility(m, 0.01, 0.9, 0.3), "given"
+        return m, plausibility(m, 0.01, 0.9, 0.3), "given", np.ones(rgb.shape[:2], bool)
     kind = "platelet" if item.cls == "thrombocyte" else "wbc"
     m, r = stained_cell_mask(rgb, kind=kind, valid=valid)
-    return m, r, "threshold"
+    return m, r, "threshold", (valid if valid is not None else np.ones(rgb.shape[:2], bool))
 
 
-def _background_colour(rgb: np.ndarray) -> np.ndarray:
-    light = rgb.mean(axis=2)
-    sel = rgb[light >= np.percentile(light, 85)]
-    return np.median(sel, axis=0)
+def _background_colour(rgb: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """The plasma colour of a smear or crop: the median of its lightest 15% of (valid) pixels."""
+    px = rgb[valid] if valid is not None and valid.any() else rgb.reshape(-1, 3)
+    light = px.mean(axis=1)
+    return np.median(px[light >= np.percentile(light, 85)], axis=0)
 
 
-def _boxes(rgb: np.ndarray, item: Item) -> list[Cut]:
+FIELD_SIDE = 96  # px on the long side of a stored background field: it is smooth, and is resized to canvases
+
+
+def background_field(rgb: np.ndarray, bg: np.ndarray, valid: np.ndarray | None = None,
+                     min_share: float = 0.12) -> np.ndarray | None:
+    """The plasma of a smear without its cells: colour and illumination of the cell-free pixels, filled in under
+    the cells by normalised convolution; (h, w, 3) uint8 at FIELD_SIDE px, or None when too little is cell-free.
+
+    Cell-free: pixels close to the plasma colour (Lab distance), away from any cell (eroded)."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    ref = cv2.cvtColor(np.uint8(np.clip(bg, 0, 255)).reshape(1, 1, 3), cv2.COLOR_RGB2LAB).astype(np.float32)[0, 0]
+    dist = np.linalg.norm((lab - ref) * np.array([0.5, 1.0, 1.0], np.float32), axis=2)
+    free = dist < 10.0
+    if valid is not None:
+        free &= valid
+    free = cv2.erode(free.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if free.mean() < min_share:
+        return None
+    h, w = free.shape
+    k = FIELD_SIDE / max(h, w)
+    size = (max(8, round(w * k)), max(8, round(h * k)))
+    weight = cv2.resize(free.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    colour = cv2.resize(rgb.astype(np.float32) * free[..., None], size, interpolation=cv2.INTER_AREA)
+    sigma = 0.08 * FIELD_SIDE
+    wb = cv2.GaussianBlur(weight, (0, 0), sigma)
+    cb = cv2.GaussianBlur(colour, (0, 0), sigma)
+    field = np.where(wb[..., None] > 1e-3, cb / np.maximum(wb, 1e-3)[..., None], bg.astype(np.float32))
+    return np.clip(field + 0.5, 0, 255).astype(np.uint8)
+
+
+def _field_cuts(rgb: np.ndarray, bg: np.ndarray, valid: np.ndarray | None = None) -> list[Cut]:
+    """The smear's plasma field as a bank record (none when too little of it is cell-free: not a rejection)."""
+    field = background_field(rgb, bg, valid)
+    if field is None:
+        return []
+    rgba = np.dstack([field, np.full(field.shape[:2], 255, np.uint8)])
+    h, w = rgb.shape[:2]
+    return [Cut(BACKGROUND_INDEX, "background", "", (0, 0, w, h), "background", png=encode_png(rgba, level=3),
+                background=tuple(round(float(v), 1) for v in bg))]
+
+
+BACKGROUND_INDEX = -1  # a source image's plasma field is stored as its own record in the bank
+
+
+def _boxes(rgb: np.ndarray, item: Item, fields: bool) -> list[Cut]:
     h, w = rgb.shape[:2]
     bg = _background_colour(rgb)
-    cuts = []
+    cuts = _field_cuts(rgb, bg) if fields else []
     for i, b in enumerate(item.boxes):
         if b.skip:
             cuts.append(Cut(i, b.cls, b.label, b.xyxy, "box+threshold", reason=b.skip))
@@ -116,29 +164,38 @@ def _boxes(rgb: np.ndarray, item: Item) -> list[Cut]:
                 inside = ((xs >= inner[0] - 4) & (xs < inner[2] + 4) & (ys >= inner[1] - 4) & (ys < inner[3] + 4)).mean()
                 if inside < 0.85:
                     r = "mask leaves its box"
-        cuts.append(_cut(i, b.cls, b.label, crop, m, r, "box+threshold", offset=(cx0, cy0)))
+        cuts.append(_cut(i, b.cls, b.label, crop, m, r, "box+threshold", offset=(cx0, cy0), background=bg))
     return cuts
 
 
 def _cut(i: int, cls: str | None, label: str, rgb: np.ndarray, m: np.ndarray, reason: str | None,
-         method: str, offset: tuple[int, int] = (0, 0)) -> Cut:
+         method: str, offset: tuple[int, int] = (0, 0), background: np.ndarray | None = None) -> Cut:
     if reason is not None or not m.any():
         return Cut(i, cls, label, None, method, reason=reason or "empty mask")
     rgba, (x0, y0, x1, y1) = to_rgba(rgb, m)
     box = (x0 + offset[0], y0 + offset[1], x1 + offset[0], y1 + offset[1])
-    return Cut(i, cls, label, box, method, png=encode_png(rgba, level=3), diameter=round(mask_diameter(rgba[..., 3]), 2))
+    bg = None if background is None else tuple(round(float(v), 1) for v in background)
+    return Cut(i, cls, label, box, method, png=encode_png(rgba, level=3), diameter=round(mask_diameter(rgba[..., 3]), 2),
+               background=bg)
 
 
-def cut_item(item: Item) -> list[Cut]:
-    """All sprites and rejections of one source image. Never raises for bad input: it rejects."""
+def cut_item(item: Item, fields: bool = True) -> list[Cut]:
+    """All sprites and rejections of one source image, and (fields) its plasma field. Never raises for bad input:
+    it rejects."""
     if item.skip:
         return [Cut(0, item.cls, "", None, MASK_METHOD.get(item.method, "threshold"), reason=item.skip)]
     try:
         rgb = read_rgb(item.path)
         if item.method == "boxes":
-            return _boxes(rgb, item)
-        m, reason, method = _single(rgb, item)
-        return [_cut(0, item.cls, "", rgb, m, reason, method)]
+            return _boxes(rgb, item, fields)
+        m, reason, method, valid = _single(rgb, item)
+        if valid is None:  # a cell cut out on black: no plasma to measure
+            return [_cut(0, item.cls, "", rgb, m, reason, method)]
+        bg = _background_colour(rgb, valid)
+        cuts = [_cut(0, item.cls, "", rgb, m, reason, method, background=bg)]
+        if fields and reason is None:
+            cuts += _field_cuts(rgb, bg, valid & ~cv2.dilate(m.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool))
+        return cuts
     except BloodcellsError as e:
         msg = str(e)
         reason = "unreadable image" if "readable" in msg or "no such file" in msg else msg.split(": ", 1)[-1]

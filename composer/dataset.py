@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 import bloodcells
@@ -26,7 +27,8 @@ from bloodcells.formats import (DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, m
 from bloodcells.imageio import encode_png, write_bytes_atomic
 
 from .recipe import KINDS, OBJECT_CLASSES
-from .scene import Placed, Prepared, build_clump, feather, finish_look, jitter_gains, paste, place_sprite, rbc_canvas, transform
+from .scene import (Canvas, Placed, Prepared, build_clump, draw_size, feather, finish_look, jitter_gains, paste,
+                    place_sprite, rbc_canvas, to_colour, transform)
 from .sprite import Sprite
 
 
@@ -104,84 +106,103 @@ class Composer:
 
     def __init__(self, recipe: dict, split: str, pools: dict[str, list[Sprite]]):
         self.r, self.split, self.pools = recipe, split, pools
-        self.prep = Prepared(recipe["look"]["soft_edge"])
-        self._canvas: tuple[int, tuple] | None = None
+        self.prep = Prepared(recipe["look"]["soft_edge"], recipe["look"]["blend"])
+        self._canvas: tuple[int, tuple[Canvas, np.ndarray]] | None = None
         self.plans = plan_split(recipe, split)
 
-    def canvas(self, plan: ScenePlan):
+    def canvas(self, plan: ScenePlan) -> tuple[Canvas, np.ndarray]:
+        """The plan's RBC canvas (built once for all its windows) and its objects' boxes."""
         if self._canvas is None or self._canvas[0] != plan.canvas:
             rng = np.random.default_rng([self.r["seed"], SPLIT_ID[self.split], 1, plan.canvas])
-            img, label, placed = rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind,
-                                            self.pools.get("healthy_rbc", []), self.pools.get("infected_rbc", []),
-                                            self.r)
-            boxes = np.array([p.bbox for p in placed], np.int64).reshape(-1, 4)
-            self._canvas = (plan.canvas, (img, label, placed, boxes))
+            c = rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind, self.pools.get("healthy_rbc", []),
+                           self.pools.get("infected_rbc", []), self.r, self.pools.get("background", []))
+            boxes = np.array([p.bbox for p in c.placed], np.int64).reshape(-1, 4)
+            self._canvas = (plan.canvas, (c, boxes))
         return self._canvas[1]
 
-    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(RGB uint8, label uint8, annotation dict) of one scene."""
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """(RGB uint8, label uint8, instances uint16, annotation dict) of one scene."""
         plan = self.plans[index]
-        cimg, clab, cobj, boxes = self.canvas(plan)
+        c, boxes = self.canvas(plan)
         r, S = self.r, self.r["scene_size"]
         rng = np.random.default_rng([r["seed"], SPLIT_ID[self.split], 2, index])
-        size = cimg.shape[0]
+        size = c.img.shape[0]
         x0, y0 = (int(v) for v in rng.integers(0, size - S + 1, 2))
-        img = cimg[y0:y0 + S, x0:x0 + S].copy()
-        label = clab[y0:y0 + S, x0:x0 + S].copy()
-        inside = np.flatnonzero((boxes[:, 0] < x0 + S) & (boxes[:, 2] > x0) & (boxes[:, 1] < y0 + S) & (boxes[:, 3] > y0))
-        objects = [self._shift(cobj[k], x0, y0, label) for k in inside]
-        objects = [o for o in objects if o is not None]
+        win = (slice(y0, y0 + S), slice(x0, x0 + S))
+        img, label, inst = c.img[win].copy(), c.label[win].copy(), c.inst[win].copy()
+        # canvas object k keeps id k + 1 until the end; pasted objects take ids after the canvas's
+        objects: dict[int, Placed] = {k + 1: self._shift(c.placed[k], x0, y0) for k in np.flatnonzero(
+            (boxes[:, 0] < x0 + S) & (boxes[:, 2] > x0) & (boxes[:, 1] < y0 + S) & (boxes[:, 3] > y0))}
+        next_id = len(c.placed) + 1
         lo, hi = r["objects"]["count"]
         w = r["objects"]["weights"]
         classes = list(plan.required)
         extra = int(rng.integers(lo, hi + 1))
-        p = np.array([w[c] for c in OBJECT_CLASSES])
+        p = np.array([w[c_] for c_ in OBJECT_CLASSES])
         if extra and p.sum() > 0:
             classes += [OBJECT_CLASSES[i] for i in rng.choice(len(OBJECT_CLASSES), size=extra, p=p / p.sum())]
         rng.shuffle(classes)
         for cls in classes:
             cx, cy = rng.uniform(0, S, 2)
-            placed = self._object(cls, rng, img, label, float(cx), float(cy))
+            placed = self._object(cls, rng, img, label, inst, next_id, float(cx), float(cy))
             if placed is not None:
-                objects.append(placed)
+                objects[next_id] = placed
+                next_id += 1
+        if self.prep.additive:
+            img = to_colour(img, c.plasma[win] if c.plasma.ndim == 3 else c.plasma)
         out = finish_look(img, rng, r["look"])
-        ann = {"id": f"{index:06d}", "split": self.split, "kind": plan.kind, "canvas": plan.canvas,
-               "window": [x0, y0], "required": list(plan.required),
-               "objects": [o.to_json() for o in objects if _visible(o, label)]}
-        return out, label, ann
+        final, listed = number_instances(inst, objects, next_id)
+        ann = {"id": scene_id(index), "split": self.split, "kind": plan.kind, "canvas": plan.canvas,
+               "window": [x0, y0], "required": list(plan.required), "rbc_density": round(c.density, 3),
+               "rbc_overlap": round(c.overlap, 3), "objects": listed}
+        if c.rbc_source is not None:
+            ann["rbc_source"] = c.rbc_source
+        return out, label, final, ann
 
     @staticmethod
-    def _shift(p: Placed, x0: int, y0: int, label: np.ndarray) -> Placed | None:
-        S = label.shape[0]
-        b = (max(0, p.bbox[0] - x0), max(0, p.bbox[1] - y0), min(S, p.bbox[2] - x0), min(S, p.bbox[3] - y0))
-        if b[0] >= b[2] or b[1] >= b[3]:
-            return None
-        return Placed(p.cls, p.sprite, p.source, (p.centre[0] - x0, p.centre[1] - y0), b, p.rotation, p.flip,
+    def _shift(p: Placed, x0: int, y0: int) -> Placed:
+        return Placed(p.cls, p.sprite, p.source, (p.centre[0] - x0, p.centre[1] - y0), p.bbox, p.rotation, p.flip,
                       p.scale)
 
-    def _object(self, cls: str, rng, img, label, cx: float, cy: float) -> Placed | None:
+    def _object(self, cls: str, rng, img, label, inst, inst_id: int, cx: float, cy: float) -> Placed | None:
         r, sizes, look = self.r, self.r["sizes"], self.r["look"]
         if cls != "platelet_clump":
             pool = self.pools[cls]
             s = pool[int(rng.integers(len(pool)))]
-            return place_sprite(img, label, rng, self.prep, s, float(sizes[cls]), sizes["jitter"], look, cx, cy)
+            return place_sprite(img, label, rng, self.prep, s, sizes, look, cx, cy, inst, inst_id)
         n = int(rng.integers(r["clumps"]["min"], r["clumps"]["max"] + 1))
-        d = float(sizes["platelet_clump"]) * (1 + rng.uniform(-sizes["jitter"], sizes["jitter"]))
+        d = draw_size(rng, sizes, "platelet_clump")
         pm, parts, d0 = build_clump(rng, self.prep, self.pools["thrombocyte"], n, d * min(1.0, 0.45 + 0.08 * n),
-                                    float(sizes["thrombocyte"]), sizes["jitter"], look)
+                                    sizes, look)
         angle, flip = float(rng.uniform(0, 360)), bool(rng.integers(2))
         layer = transform(feather(pm, look["soft_edge"]), 1.0, angle, flip, jitter_gains(rng, look["stain_jitter"] * 0.5))
-        bbox = paste(img, label, layer, index_of("platelet_clump"), cx, cy)
+        bbox = paste(img, label, layer, index_of("platelet_clump"), cx, cy, inst, inst_id, self.prep.additive)
         if bbox is None:
             return None
         return Placed("platelet_clump", "clump-" + hashlib.sha1("".join(parts).encode()).hexdigest()[:12], "built",
                       (cx, cy), bbox, angle, flip, 1.0, parts=parts)
 
 
-def _visible(p: Placed, label: np.ndarray) -> bool:
-    """Whether an object still shows any pixel of its class (later pastes may hide it)."""
-    x0, y0, x1, y1 = p.bbox
-    return bool((label[y0:y1, x0:x1] == index_of(p.cls)).any())
+def number_instances(inst: np.ndarray, objects: dict[int, Placed], next_id: int) -> tuple[np.ndarray, list[dict]]:
+    """Renumber the visible objects 1..n in id order (canvas RBCs first, then pasted objects in paste order):
+    (uint16 instance map, annotation objects with their instance number, visible pixel count and visible bbox).
+    Objects fully hidden by later ones are dropped."""
+    counts = np.bincount(inst.ravel(), minlength=next_id)
+    ids = np.flatnonzero(counts[1:]) + 1
+    if len(ids) > np.iinfo(np.uint16).max:
+        raise BloodcellsError(f"a scene holds {len(ids)} cells, more than a 16-bit instance map can number; "
+                              "lower canvas.density or raise canvas.overlap in the recipe")
+    lut = np.zeros(len(counts), np.uint16)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
+    final = lut[inst]
+    listed = []
+    for k, sl in enumerate(ndimage.find_objects(final), start=1):
+        o = objects[int(ids[k - 1])].to_json()
+        o["bbox"] = [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]
+        o["instance"] = k
+        o["pixels"] = int(counts[ids[k - 1]])
+        listed.append(o)
+    return final, listed
 
 
 # ---- writing -------------------------------------------------------------------------
@@ -210,11 +231,12 @@ def _render_block(task: tuple[str, list[int]]) -> int:
     if comp is None:
         comp = _STATE["composers"][split] = Composer(_STATE["recipe"], split, _STATE["pools"][split])
     for i in indices:
-        img, label, ann = comp.scene(i)
+        img, label, inst, ann = comp.scene(i)
         ann.update(scene_stats(img, label))
         paths = scene_paths(_STATE["out"], split, ann["id"])
         write_bytes_atomic(paths.image, encode_png(img, level=1, png_filter="sub"))
         write_bytes_atomic(paths.label, encode_png(label, level=1, png_filter="none"))
+        write_bytes_atomic(paths.instances, encode_png(inst, level=1, png_filter="none"))
         write_bytes_atomic(paths.annotation, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
     return len(indices)
 
@@ -294,17 +316,22 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     """Aggregate every scene's stats into dataset.json."""
     counts, pixels = {}, {}
     s1, s2, npx = np.zeros(3, np.int64), np.zeros(3, np.int64), 0
-    objects = {}
+    objects, per_scene = {}, {}
     for split in SPLITS:
         n = recipe["scenes"].get(split, 0)
         counts[split] = n
         px = np.zeros(NUM_CLASSES, np.int64)
         oc = np.zeros(NUM_CLASSES, np.int64)
+        n_inst = np.zeros(n, np.int64)
         for i in range(n):
             ann = json.loads(scene_paths(out, split, scene_id(i)).annotation.read_text())
             px += np.array(ann["pixels"], np.int64)
+            n_inst[i] = len(ann["objects"])
             for o in ann["objects"]:
                 oc[NAMES.index(o["class"])] += 1
+        if n:
+            per_scene[split] = {"mean": round(float(n_inst.mean()), 2), "min": int(n_inst.min()),
+                                "max": int(n_inst.max())}
             if split == "train":
                 s1 += np.array(ann["sum"], np.int64)
                 s2 += np.array(ann["sumsq"], np.int64)
@@ -320,7 +347,7 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     std = np.sqrt(np.maximum(s2 / npx / 255.0 ** 2 - mean ** 2, 1e-12))
     info = DatasetInfo(
         root=out, name=recipe["name"], seed=recipe["seed"], format=DATASET_FORMAT, counts=counts,
-        class_pixels=pixels, object_counts=objects,
+        class_pixels=pixels, object_counts=objects, instances_per_scene=per_scene,
         class_frequencies=[round(float(f), 8) for f in freq],
         class_weights=[round(float(w), 6) for w in median_frequency_weights(freq)],
         mean=tuple(round(float(m), 6) for m in mean), std=tuple(round(float(s), 6) for s in std),

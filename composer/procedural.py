@@ -571,7 +571,8 @@ def builtin_sprites(per_class: int = 24, seed: int = 0,
         for i in range(per_class):
             rgba = make_sprite(cls, np.random.default_rng([seed, index, i]), params)
             sprites.append(Sprite(id=f"builtin-{cls}-{i:04d}", cls=cls, rgba=rgba,
-                                  diameter=mask_diameter(rgba[..., 3]), split=order[i], source="builtin"))
+                                  diameter=mask_diameter(rgba[..., 3]), split=order[i], source="builtin",
+                                  background=(255.0, 255.0, 255.0)))  # drawn as seen on a white field
     return sprites
 
 

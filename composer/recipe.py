@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ DEFAULTS: dict[str, Any] = {
         "windows": 16,  # scene windows cropped from each canvas
         "kinds": {"healthy": 1.0, "infected": 1.0, "mixed": 1.0},
         "infected_share": 0.3,  # share of infected RBCs on a mixed canvas
-        "density": 0.8,  # chance that each slot of the RBC lattice holds a cell
-        "overlap": 0.1,  # how far neighbouring RBCs may overlap (fraction of a diameter)
+        "density": 0.8,  # chance that each slot of the RBC lattice holds a cell; [low, high]: drawn per canvas
+        "overlap": 0.1,  # how far neighbouring RBCs overlap (fraction of a diameter; < 0 leaves gaps); or [low, high]
         "variants": 64,  # transformed RBC looks drawn per canvas (each pasted many times)
+        "rbc_sources": "any",  # any | per_canvas: all RBCs of a canvas from one source (balances each source's classes)
     },
     "objects": {
         "coverage": "pairs",  # none | singles | pairs: each (type or pair) x background kind appears
@@ -36,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "sizes": {"jitter": 0.08, **{c: BY_NAME[c].diameter_40x for c in NAMES[1:]}},
     "clumps": {"min": 3, "max": 10},
     "look": {
+        "blend": "optical_density",  # optical_density (Beer-Lambert: overlaps absorb more) | alpha (top cell covers)
+        "backgrounds": 0.0,  # share of canvases on a plasma field cut from a real smear (when the bank has some)
+        "faint": 0.0,  # share of thrombocytes that took up little stain (drawn fainter; labels unchanged)
         "soft_edge": 0.8,  # feather of sprite edges in px (the label stays exact)
         "stain_jitter": 0.05,  # per-sprite brightness/saturation/hue jitter
         "plasma": [[236, 222, 210]],  # plasma (background) colours; each canvas picks one
@@ -48,11 +53,40 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+SIGNED = {"canvas.overlap"}  # keys that may be negative
+RANGE_OR_NUMBER = {"canvas.density", "canvas.overlap", *(f"sizes.{c}" for c in NAMES[1:])}  # a number or [low, high]
+CHOICES = {"look.blend": ("optical_density", "alpha"), "canvas.rbc_sources": ("any", "per_canvas"),
+           "objects.coverage": ("none", "singles", "pairs")}
+SHARES = {"look.backgrounds", "look.faint"}  # 0..1
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check(user: dict, ref: dict, path: str, where: str) -> None:
     for k, v in user.items():
         if k not in ref:
             raise BloodcellsError(f"{where}: unknown key '{path}{k}'; allowed here: {', '.join(map(str, ref))}")
         r = ref[k]
+        key = f"{path}{k}"
+        if key in CHOICES:
+            if v not in CHOICES[key]:
+                raise BloodcellsError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}; got {v!r}")
+            continue
+        if key in RANGE_OR_NUMBER:
+            low = -0.9 if key in SIGNED else 0
+            ok = (_number(v) and v >= low) or (isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)
+                                               and low <= v[0] <= v[1])
+            if not ok or (key.startswith("sizes.") and min(v if isinstance(v, list) else [v]) <= 0):
+                raise BloodcellsError(f"{where}: '{key}' must be a number or a range [low, high] "
+                                      f"({'>= ' + str(low) if key in SIGNED else '> 0' if key.startswith('sizes.') else '>= 0'}), "
+                                      f"e.g. {r}; got {v!r}")
+            continue
+        if key in SHARES:
+            if not (_number(v) and 0 <= v <= 1):
+                raise BloodcellsError(f"{where}: '{key}' must be a share between 0 and 1; got {v!r}")
+            continue
         if isinstance(r, dict) and k != "weights":
             if not isinstance(v, dict):
                 raise BloodcellsError(f"{where}: '{path}{k}' must be a mapping like {_brief(r)}")
@@ -90,9 +124,11 @@ def resolve_path(name: str | Path) -> Path:
     raise BloodcellsError(f"{name}: no such recipe; give a YAML path or one of: {known}")
 
 
-def load_recipe(name: str | Path, overrides: dict | None = None) -> dict:
-    """Read, validate and resolve a recipe against the defaults."""
-    path = resolve_path(name)
+def _read_user(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file's keys, on top of those of its `base:` recipe (recursively)."""
+    if path.resolve() in seen:
+        raise BloodcellsError(f"{path}: 'base:' recipes form a cycle ({' -> '.join(p.name for p in seen)} -> "
+                              f"{path.name}); remove one of the base: lines")
     try:
         user = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -101,7 +137,20 @@ def load_recipe(name: str | Path, overrides: dict | None = None) -> dict:
         raise BloodcellsError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(user, dict):
         raise BloodcellsError(f"{path}: a recipe must be a mapping of keys (seed:, scenes:, ...)")
-    return validate(_merge(user, overrides or {}), str(path), stem=path.stem)
+    base = user.pop("base", None)
+    if base is None:
+        return user
+    if not isinstance(base, str):
+        raise BloodcellsError(f"{path}: 'base' must name a recipe (a YAML path or a name in recipes/), got {base!r}")
+    inherited = _read_user(resolve_path(base), seen + (path.resolve(),))
+    inherited.pop("name", None)  # a recipe's name is its own (or its file's)
+    return _merge(inherited, user)
+
+
+def load_recipe(name: str | Path, overrides: dict | None = None) -> dict:
+    """Read, validate and resolve a recipe against the defaults (and its `base:` recipe, if it names one)."""
+    path = resolve_path(name)
+    return validate(_merge(_read_user(path), overrides or {}), str(path), stem=path.stem)
 
 
 def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
@@ -119,8 +168,6 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
         if not isinstance(v, (int, float)) or v < 0:
             raise BloodcellsError(f"{where}: objects.weights.{k} must be a number >= 0")
     r["objects"]["weights"] = {c: float(w.get(c, 0.0)) for c in OBJECT_CLASSES}
-    if r["objects"]["coverage"] not in ("none", "singles", "pairs"):
-        raise BloodcellsError(f"{where}: objects.coverage must be none, singles or pairs")
     for s, n in r["scenes"].items():
         if s not in ("train", "val", "test") or not isinstance(n, int) or n < 0:
             raise BloodcellsError(f"{where}: scenes.{s} must be a whole number >= 0 for train, val or test")

@@ -1,8 +1,17 @@
-"""Scene maths: transform sprites, paste them with exact labels, build RBC canvases and clumps.
+"""Scene maths: transform sprites, paste them with exact labels and instances, build RBC canvases and clumps.
 
-Images are float32 RGB in 0..255 while being composed; labels are uint8 class indices.
-A pasted sprite's label is its class wherever its (un-feathered) alpha is over one half, on
-top of whatever was there: the label map holds the top-most sprite's class per pixel.
+Labels are uint8 class indices; instances int32 object ids while composing. A pasted sprite labels
+every pixel where its (un-feathered) alpha is over one half with its class and its object id, on
+top of whatever was there: the top-most sprite owns a pixel, in the label map and the instance map
+alike, so every pixel with an instance has that instance's class and every cell pixel has an instance.
+
+Two ways to form the image (`look.blend`):
+- `optical_density` (Beer-Lambert, the default): sprites are converted to optical density against
+  their own source's background, densities add where cells overlap (overlaps come out darker, as
+  stacked absorbers do), and the sum is turned back into colour against the scene's plasma (a flat
+  colour or a background field cut from a real smear): image = plasma * exp(-density).
+- `alpha`: the top-most sprite's colour covers what is below (alpha compositing), on a plasma colour.
+While composing, images are float32: RGB 0..255 (alpha) or optical density per channel (optical_density).
 """
 from __future__ import annotations
 
@@ -15,18 +24,44 @@ from bloodcells.classes import PLASMA_RGB, index_of
 
 from .sprite import Sprite
 
+BLENDS = ("optical_density", "alpha")
 
-@dataclass
+
+def density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Optical density per channel of float RGB (h, w, 3) seen against `background` (3,): 0 at the background."""
+    od = np.log(np.asarray(background, np.float32) + 1.0) - np.log(rgb.astype(np.float32) + 1.0)
+    return np.maximum(od, 0.0, out=od)
+
+
+def sprite_background(s: Sprite) -> np.ndarray:
+    """The light the sprite's cell was seen against: recorded at import, else a plasma no darker than its lightest
+    pixels (for crops cut out on black, whose background is unknown)."""
+    if s.background is not None:
+        return np.asarray(s.background, np.float32)
+    px = s.rgba[..., :3][s.rgba[..., 3] > 127]
+    lightest = np.percentile(px, 99.5, axis=0) + 4.0 if px.size else np.zeros(3)
+    return np.minimum(np.maximum(np.asarray(PLASMA_RGB, np.float32), lightest), 255.0).astype(np.float32)
+
+
 class Layer:
-    """A transformed sprite ready to paste: premultiplied RGB, feathered alpha, exact mask."""
-    rgb: np.ndarray  # float32 (h, w, 3), premultiplied by alpha
-    alpha: np.ndarray  # float32 (h, w) in 0..1 (feathered)
-    mask: np.ndarray  # bool (h, w): the pixels this sprite labels
+    """A transformed sprite ready to paste: premultiplied colour (RGB or density), feathered alpha, exact mask."""
 
-    def __post_init__(self) -> None:
-        # what shows through, per pixel and channel (a full-size array: broadcasting is 10x slower)
-        self.inv = np.repeat((1.0 - self.alpha)[..., None], 3, axis=2)
-        self.box = cv2.boundingRect(self.mask.astype(np.uint8))  # x, y, w, h of the mask
+    __slots__ = ("rgb", "alpha", "mask", "box", "_inv")
+
+    def __init__(self, rgb: np.ndarray, alpha: np.ndarray, mask: np.ndarray) -> None:
+        self.rgb = rgb  # float32 (h, w, 3), premultiplied by alpha
+        self.alpha = alpha  # float32 (h, w) in 0..1 (feathered)
+        self.mask = mask  # bool (h, w): the pixels this sprite labels
+        self.box = cv2.boundingRect(mask.astype(np.uint8))  # x, y, w, h of the mask
+        self._inv: np.ndarray | None = None
+
+    @property
+    def inv(self) -> np.ndarray:
+        """What shows through, per pixel and channel (alpha compositing only; a full-size array: broadcasting is
+        10x slower)."""
+        if self._inv is None:
+            self._inv = np.repeat((1.0 - self.alpha)[..., None], 3, axis=2)
+        return self._inv
 
 
 @dataclass
@@ -52,20 +87,29 @@ class Placed:
 
 
 class Prepared:
-    """Sprites resized once to their class's nominal size (area-averaged), premultiplied and feathered.
+    """Sprites resized once to a nominal size (area-averaged), premultiplied and feathered.
 
-    Each entry is float32 (h, w, 5): feathered premultiplied RGB, feathered alpha, exact alpha."""
+    Each entry is float32 (h, w, 5): feathered premultiplied colour (RGB, or optical density with
+    blend 'optical_density'), feathered alpha, exact alpha."""
 
-    def __init__(self, soft_edge: float = 0.0) -> None:
+    def __init__(self, soft_edge: float = 0.0, blend: str = "alpha") -> None:
         self.soft_edge = soft_edge
+        self.blend = blend
         self.cache: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
+
+    @property
+    def additive(self) -> bool:
+        return self.blend == "optical_density"
 
     def get(self, s: Sprite, diameter: float) -> tuple[np.ndarray, float]:
         """(float32 (h, w, 5) layers at ~diameter, their exact diameter in px)."""
         key = (s.id, diameter)
         hit = self.cache.get(key)
         if hit is None:
-            hit = prepare(s.rgba, s.diameter, diameter, self.soft_edge)
+            rgba = s.rgba
+            if self.additive:
+                rgba = np.dstack([density(rgba[..., :3], sprite_background(s)), rgba[..., 3:4].astype(np.float32)])
+            hit = prepare(rgba, s.diameter, diameter, self.soft_edge)
             if len(self.cache) > 20000:
                 self.cache.clear()
             self.cache[key] = hit
@@ -73,7 +117,8 @@ class Prepared:
 
 
 def prepare(rgba: np.ndarray, d_native: float, diameter: float, soft_edge: float) -> tuple[np.ndarray, float]:
-    """Resize an RGBA sprite to ~diameter; feather its edge outward (the exact alpha is kept apart)."""
+    """Resize an RGBA sprite (uint8; or float colour with alpha 0..255) to ~diameter; feather its edge outward
+    (the exact alpha is kept apart)."""
     k = diameter / max(d_native, 1.0)
     a = rgba[..., 3:4].astype(np.float32) / 255.0
     pm = np.concatenate([rgba[..., :3].astype(np.float32) * a, a], axis=2)
@@ -103,7 +148,7 @@ def feather(pm: np.ndarray, soft_edge: float) -> np.ndarray:
 
 def transform(pm: np.ndarray, scale: float, angle: float, flip: bool,
               gains: np.ndarray | None = None) -> Layer:
-    """Scale, rotate (degrees) and flip prepared (h, w, 5) sprite layers; tint the colour."""
+    """Scale, rotate (degrees) and flip prepared (h, w, 5) sprite layers; tint the colour (or scale the density)."""
     if flip:
         pm = pm[:, ::-1]
     h, w = pm.shape[:2]
@@ -120,9 +165,13 @@ def transform(pm: np.ndarray, scale: float, angle: float, flip: bool,
     return Layer(rgb, out[..., 3], mask)
 
 
-def paste(img: np.ndarray, label: np.ndarray, layer: Layer, cls_index: int, cx: float, cy: float
+def paste(img: np.ndarray, label: np.ndarray, layer: Layer, cls_index: int, cx: float, cy: float,
+          inst: np.ndarray | None = None, inst_id: int = 0, additive: bool = False
           ) -> tuple[int, int, int, int] | None:
-    """Composite `layer` centred at (cx, cy), clipped to the image; returns its visible label bbox."""
+    """Composite `layer` centred at (cx, cy), clipped to the image; returns its visible label bbox.
+
+    additive: add the layer's (density) values instead of covering what is below. `inst`, when given,
+    takes `inst_id` wherever the label takes `cls_index`."""
     h, w = layer.mask.shape
     x0, y0 = int(round(cx - (w - 1) / 2)), int(round(cy - (h - 1) / 2))
     H, W = label.shape
@@ -132,10 +181,13 @@ def paste(img: np.ndarray, label: np.ndarray, layer: Layer, cls_index: int, cx: 
     sx0, sy0 = ix0 - x0, iy0 - y0
     sl = (slice(sy0, sy0 + iy1 - iy0), slice(sx0, sx0 + ix1 - ix0))
     region = img[iy0:iy1, ix0:ix1]
-    np.multiply(region, layer.inv[sl], out=region)
+    if not additive:
+        np.multiply(region, layer.inv[sl], out=region)
     np.add(region, layer.rgb[sl], out=region)
     m = layer.mask[sl]
     np.copyto(label[iy0:iy1, ix0:ix1], np.uint8(cls_index), where=m)
+    if inst is not None:
+        np.copyto(inst[iy0:iy1, ix0:ix1], inst.dtype.type(inst_id), where=m)
     bx, by, bw, bh = layer.box
     if bw == 0:
         return None
@@ -155,38 +207,65 @@ def jitter_gains(rng: np.random.Generator, strength: float) -> np.ndarray | None
     return np.clip(g, 0.6, 1.4).astype(np.float32)
 
 
+def nominal_size(sizes: dict, cls: str) -> float:
+    """The size a class's sprites are prepared at: its diameter, or the geometric middle of its [low, high] range."""
+    v = sizes[cls]
+    return float(np.sqrt(v[0] * v[1])) if isinstance(v, (list, tuple)) else float(v)
+
+
+def draw_size(rng: np.random.Generator, sizes: dict, cls: str) -> float:
+    """One object's diameter at 40x: log-uniform in a [low, high] range, or the diameter times (1 +- jitter)."""
+    v = sizes[cls]
+    if isinstance(v, (list, tuple)):
+        return float(np.exp(rng.uniform(np.log(v[0]), np.log(v[1]))))
+    j = sizes["jitter"]
+    return float(v) * (1.0 + float(rng.uniform(-j, j)))
+
+
+def fade(layer: Layer, f: float, additive: bool) -> Layer:
+    """A fainter copy of a layer (less stain taken up); its mask, and so its label, is unchanged."""
+    if additive:
+        return Layer(layer.rgb * np.float32(f), layer.alpha, layer.mask)
+    return Layer(layer.rgb * np.float32(f), layer.alpha * np.float32(f), layer.mask)
+
+
 def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, prep: Prepared, s: Sprite,
-                 diameter: float, jitter: float, look: dict, cx: float, cy: float) -> Placed | None:
+                 sizes: dict, look: dict, cx: float, cy: float, inst: np.ndarray | None = None,
+                 inst_id: int = 0) -> Placed | None:
     """Paste one sprite at (cx, cy) at its class's size with random rotation, flip and stain."""
-    pm, d0 = prep.get(s, diameter)
-    scale = diameter * (1.0 + rng.uniform(-jitter, jitter)) / d0
+    pm, d0 = prep.get(s, nominal_size(sizes, s.cls))
+    scale = draw_size(rng, sizes, s.cls) / d0
     angle = float(rng.uniform(0, 360))
     flip = bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
-    bbox = paste(img, label, layer, index_of(s.cls), cx, cy)
+    if s.cls == "thrombocyte" and look["faint"] > 0 and rng.uniform() < look["faint"]:
+        layer = fade(layer, float(rng.uniform(0.35, 0.75)), prep.additive)
+    bbox = paste(img, label, layer, index_of(s.cls), cx, cy, inst, inst_id, prep.additive)
     if bbox is None:
         return None
     return Placed(s.cls, s.id, s.source, (cx, cy), bbox, angle, flip, scale * d0 / s.diameter)
 
 
 def build_clump(rng: np.random.Generator, prep: Prepared, thrombocytes: list[Sprite], n: int,
-                diameter: float, part_diameter: float, jitter: float, look: dict) -> tuple[np.ndarray, list[str], float]:
-    """A platelet clump: n thrombocyte sprites packed around a centre; premultiplied RGBA and part ids."""
+                diameter: float, sizes: dict, look: dict) -> tuple[np.ndarray, list[str], float]:
+    """A platelet clump: n thrombocyte sprites packed around a centre; premultiplied colour + alpha, and part ids."""
+    part = nominal_size(sizes, "thrombocyte")
     size = int(diameter * 1.6) + 8
     img = np.zeros((size, size, 3), np.float32)
     alpha_img = np.zeros((size, size, 3), np.float32)
     lab = np.zeros((size, size), np.uint8)
     parts = []
-    spread = max(1.0, (diameter - part_diameter) / 2)
+    spread = max(1.0, (diameter - part) / 2)
     for _ in range(n):
         s = thrombocytes[int(rng.integers(len(thrombocytes)))]
         r = spread * np.sqrt(rng.uniform(0, 1))
         t = rng.uniform(0, 2 * np.pi)
         cx, cy = (size - 1) / 2 + r * np.cos(t), (size - 1) / 2 + r * np.sin(t)
-        pm, d0 = prep.get(s, part_diameter)
-        layer = transform(pm, part_diameter * (1 + rng.uniform(-jitter, jitter)) / d0, float(rng.uniform(0, 360)),
+        pm, d0 = prep.get(s, part)
+        j = sizes["jitter"]
+        layer = transform(pm, part * (1 + rng.uniform(-j, j)) / d0, float(rng.uniform(0, 360)),
                           bool(rng.integers(2)), jitter_gains(rng, look["stain_jitter"]))
-        paste(img, lab, layer, 1, cx, cy)
+        paste(img, lab, layer, 1, cx, cy, additive=prep.additive)
         # the clump's own alpha: composite each part's alpha the same way
         paste(alpha_img, lab, Layer(np.repeat(layer.alpha[..., None], 3, axis=2), layer.alpha, layer.mask), 1, cx, cy)
         parts.append(s.id)
@@ -198,32 +277,99 @@ def build_clump(rng: np.random.Generator, prep: Prepared, thrombocytes: list[Spr
     return np.ascontiguousarray(rgba), parts, dia
 
 
+@dataclass
+class Canvas:
+    """An RBC-only canvas: its image (RGB or density), labels, instance ids (k = placed[k - 1]) and plasma."""
+
+    img: np.ndarray
+    label: np.ndarray
+    inst: np.ndarray  # int32: 1 + index into `placed`
+    placed: list[Placed]
+    plasma: np.ndarray  # (3,) flat plasma colour, or (size, size, 3) a background field
+    density: float  # share of lattice slots holding a cell
+    overlap: float  # how far neighbours overlap (fraction of a diameter; < 0: gaps between cells)
+    rbc_source: str | None = None  # with canvas.rbc_sources 'per_canvas': the one source of its RBCs
+
+
+def _draw(rng: np.random.Generator, value) -> float:
+    """A number, or uniform in a [low, high] range."""
+    return float(rng.uniform(value[0], value[1])) if isinstance(value, (list, tuple)) else float(value)
+
+
+def pick_plasma(rng: np.random.Generator, look: dict, size: int, backgrounds: list[Sprite]) -> np.ndarray:
+    """A canvas's plasma: a background field cut from a real smear (share `look.backgrounds`, when the bank has
+    any), else one of the recipe's flat colours; either with a per-canvas tone jitter."""
+    tone = (1.0 + rng.normal(0, look["background_tone"], 3)).astype(np.float32)
+    # the same draws whichever plasma is chosen, so the cells of a canvas do not depend on it
+    u, pick, flip = rng.uniform(), int(rng.integers(1 << 30)), bool(rng.integers(2))
+    if backgrounds and look["backgrounds"] > 0 and u < look["backgrounds"]:
+        b = backgrounds[pick % len(backgrounds)]
+        field_ = cv2.resize(b.rgba[..., :3], (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        if flip:
+            field_ = field_[::-1]
+        return np.clip(field_ * tone, 0, 255).astype(np.float32)
+    colours = look.get("plasma") or [PLASMA_RGB]
+    return np.clip(np.array(colours[pick % len(colours)], np.float32) * tone, 0, 255).astype(np.float32)
+
+
+def rbc_pools(kind: str, healthy: list[Sprite], infected: list[Sprite], mode: str,
+              rng: np.random.Generator) -> tuple[list[Sprite], list[Sprite], str | None]:
+    """The RBC sprites a canvas draws from. mode 'any': every source; 'per_canvas': one source per canvas, chosen
+    among those that can fill this kind of canvas, so a source with both classes (Kaggle's) shows up on healthy
+    canvases as often as any other: its look no longer tells infected from healthy."""
+    if mode != "per_canvas":
+        return healthy, infected, None
+    by_h: dict[str, list[Sprite]] = {}
+    by_i: dict[str, list[Sprite]] = {}
+    for s in healthy:
+        by_h.setdefault(s.source, []).append(s)
+    for s in infected:
+        by_i.setdefault(s.source, []).append(s)
+    if kind == "healthy":
+        able = sorted(by_h)
+    elif kind == "infected":
+        able = sorted(by_i)
+    else:
+        able = sorted(set(by_h) & set(by_i)) or sorted(set(by_h) | set(by_i))
+    if not able:
+        return healthy, infected, None
+    src = able[int(rng.integers(len(able)))]
+    return by_h.get(src, healthy), by_i.get(src, infected), src
+
+
 def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, healthy: list[Sprite],
-               infected: list[Sprite], recipe: dict) -> tuple[np.ndarray, np.ndarray, list[Placed]]:
+               infected: list[Sprite], recipe: dict, backgrounds: list[Sprite] | None = None) -> Canvas:
     """An RBC-only canvas: plasma background with RBCs on a jittered hexagonal lattice."""
     look, cv, sizes = recipe["look"], recipe["canvas"], recipe["sizes"]
-    tone = 1.0 + rng.normal(0, look["background_tone"], 3)
-    colours = look.get("plasma") or [PLASMA_RGB]
-    plasma = colours[int(rng.integers(len(colours)))] if len(colours) > 1 else colours[0]
-    base = np.clip(np.array(plasma, np.float64) * tone, 0, 255).astype(np.float32)
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = base
+    plasma = pick_plasma(rng, look, size, backgrounds or [])
+    if prep.additive:
+        img = np.zeros((size, size, 3), np.float32)
+    elif plasma.ndim == 3:
+        img = plasma.copy()
+    else:
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = plasma
     label = np.zeros((size, size), np.uint8)
-    d = float(sizes["healthy_rbc"])
-    step = d * (1.0 - cv["overlap"])
+    inst = np.zeros((size, size), np.int32)
+    dens, overlap = _draw(rng, cv["density"]), _draw(rng, cv["overlap"])
+    healthy, infected, src = rbc_pools(kind, healthy, infected, cv["rbc_sources"], rng)
+    d = nominal_size(sizes, "healthy_rbc")
+    step = d * (1.0 - overlap)
     rows = int(size / (step * 0.866)) + 2
     cols = int(size / step) + 2
     gy, gx = np.mgrid[0:rows, 0:cols].astype(np.float32)
     xs = gx * step + (gy % 2) * step / 2 - step / 2
     ys = gy * step * 0.866 - step / 2
-    xs = xs + rng.uniform(-0.2, 0.2, xs.shape) * step
-    ys = ys + rng.uniform(-0.2, 0.2, ys.shape) * step
-    keep = rng.uniform(0, 1, xs.shape) < cv["density"]
+    # sparse canvases get looser lattices: cells apart at random, not on a visible grid
+    wobble = 0.2 + 0.3 * max(0.0, min(1.0, -overlap / 0.5))
+    xs = xs + rng.uniform(-wobble, wobble, xs.shape) * step
+    ys = ys + rng.uniform(-wobble, wobble, ys.shape) * step
+    keep = rng.uniform(0, 1, xs.shape) < dens
     pts = np.stack([xs[keep], ys[keep]], axis=1)
     pts = pts[rng.permutation(len(pts))]
-    if kind == "healthy":
+    if kind == "healthy" or not infected:
         is_inf = np.zeros(len(pts), bool)
-    elif kind == "infected":
+    elif kind == "infected" or not healthy:
         is_inf = np.ones(len(pts), bool)
     else:
         is_inf = rng.uniform(0, 1, len(pts)) < cv["infected_share"]
@@ -236,27 +382,34 @@ def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, h
         k = max(1, min(int(cv["variants"]), len(pts)))
         variants[inf] = [_variant(rng, prep, pool[int(rng.integers(len(pool)))], sizes, look) for _ in range(k)]
     pick = rng.integers(0, 1 << 30, len(pts))
-    placed = []
+    placed: list[Placed] = []
     for (x, y), inf, j in zip(pts, is_inf, pick):
         vs = variants[bool(inf)]
         s, layer, angle, flip, scale = vs[j % len(vs)]
-        bbox = paste(img, label, layer, index_of(s.cls), float(x), float(y))
+        bbox = paste(img, label, layer, index_of(s.cls), float(x), float(y), inst, len(placed) + 1, prep.additive)
         if bbox is not None:
             placed.append(Placed(s.cls, s.id, s.source, (float(x), float(y)), bbox, angle, flip, scale))
-    return img, label, placed
+    return Canvas(img, label, inst, placed, plasma, dens, overlap, src)
 
 
 def _variant(rng: np.random.Generator, prep: Prepared, s: Sprite, sizes: dict, look: dict):
-    diameter = float(sizes[s.cls])
-    pm, d0 = prep.get(s, diameter)
-    scale = diameter * (1.0 + rng.uniform(-sizes["jitter"], sizes["jitter"])) / d0
+    pm, d0 = prep.get(s, nominal_size(sizes, s.cls))
+    scale = draw_size(rng, sizes, s.cls) / d0
     angle, flip = float(rng.uniform(0, 360)), bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
     return s, layer, angle, flip, scale * d0 / s.diameter
 
 
+def to_colour(img: np.ndarray, plasma: np.ndarray) -> np.ndarray:
+    """Optical density (h, w, 3) seen against the plasma ((3,) or (h, w, 3)) -> float32 RGB 0..255."""
+    out = cv2.exp(-img)
+    if plasma.ndim == 1:
+        return cv2.multiply(out, cv2.merge([np.full(out.shape[:2], float(v), np.float32) for v in plasma]))
+    return cv2.multiply(out, plasma)
+
+
 def finish_look(img: np.ndarray, rng: np.random.Generator, look: dict) -> np.ndarray:
-    """Illumination gradient, blur and noise on a composed float image; returns uint8 RGB."""
+    """Illumination gradient, blur and noise on a composed float RGB image; returns uint8 RGB."""
     h, w = img.shape[:2]
     if look["illumination"] > 0:
         gx, gy = rng.normal(0, look["illumination"], 2)

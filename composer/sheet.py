@@ -37,7 +37,7 @@ def contact_sheet(sprites: list[Sprite], per_class: int = 12, tile: int = 72, se
     rng = np.random.default_rng(seed)
     label_w = 170
     rows = []
-    for cls in NAMES[1:]:
+    for cls in NAMES[1:] + ("background",):  # background: plasma fields cut from real smears
         group = [s for s in sprites if s.cls == cls]
         if not group:
             continue

@@ -14,6 +14,7 @@ class Sprite:
     diameter: float  # native diameter in px: equivalent-circle diameter of alpha > 127
     split: str = "train"
     source: str = "builtin"
+    background: tuple[float, float, float] | None = None  # RGB the cell was seen against in its source image
 
 
 def mask_diameter(alpha: np.ndarray) -> float:

@@ -265,16 +265,164 @@ def test_composer_is_deterministic_in_memory(builtin):
     r, pools, _ = builtin
     a = Composer(r, "train", pools["train"]).scene(5)
     b = Composer(r, "train", pools["train"]).scene(5)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
 
 
 def test_plasma_colours_vary_the_background_only(builtin):
     r, pools, _ = builtin
     grey = validate({**TINY, "look": {"plasma": [[205, 206, 202]], "background_tone": 0, "illumination": 0,
                                       "noise": 0, "blur": [0, 0]}})
-    img, lab, _ = Composer(grey, "train", pools["train"]).scene(0)
+    img, lab, _, _ = Composer(grey, "train", pools["train"]).scene(0)
     bg = img[lab == 0]
     assert np.abs(np.median(bg, axis=0) - [205, 206, 202]).max() <= 2
     cream = validate({**grey, "look": {**grey["look"], "plasma": [[236, 222, 210]]}})
-    img2, lab2, _ = Composer(cream, "train", pools["train"]).scene(0)
+    img2, lab2, _, _ = Composer(cream, "train", pools["train"]).scene(0)
     assert np.array_equal(lab, lab2)  # the label map does not depend on the background colour
+
+
+# ---- instances ---------------------------------------------------------------------------
+
+def _scene_files(root: Path, split: str, sid: str):
+    lab = cv2.imread(str(root / split / "labels" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    inst = cv2.imread(str(root / split / "instances" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    ann = json.loads((root / split / "annotations" / f"{sid}.json").read_text())
+    return lab, inst, ann
+
+
+def test_instance_maps_follow_the_label_rule(tiny_set):
+    """k = the k-th object; every pixel with an instance has that instance's class; every cell pixel has one;
+    each object's pixel count and bbox are exactly those of its instance."""
+    checked = 0
+    for split in ("train", "val", "test"):
+        for ap in sorted((tiny_set / split / "annotations").glob("*.json")):
+            lab, inst, ann = _scene_files(tiny_set, split, ap.stem)
+            assert inst.dtype == np.uint16 and inst.shape == lab.shape
+            objs = ann["objects"]
+            assert [o["instance"] for o in objs] == list(range(1, len(objs) + 1))
+            cls = np.array([0] + [index_of(o["class"]) for o in objs])
+            assert int(inst.max()) == len(objs)
+            assert np.array_equal(cls[inst], lab)  # instance -> class, and background where no instance
+            counts = np.bincount(inst.ravel(), minlength=len(objs) + 1)
+            assert counts[1:].tolist() == [o["pixels"] for o in objs] and (counts[1:] > 0).all()
+            for o in objs:
+                ys, xs = np.nonzero(inst == o["instance"])
+                assert o["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            checked += 1
+    assert checked == 40
+
+
+def test_instances_separate_touching_cells_of_one_class(tiny_set):
+    """Touching RBCs of one class form one label component but several instances."""
+    merged = 0
+    for ap in sorted((tiny_set / "train" / "annotations").glob("*.json"))[:8]:
+        lab, inst, ann = _scene_files(tiny_set, "train", ap.stem)
+        n, cc = cv2.connectedComponents((lab == index_of("healthy_rbc")).astype(np.uint8))
+        for k in range(1, n):
+            merged += len(np.unique(inst[cc == k])) > 1
+    assert merged > 0
+
+
+def test_dataset_json_records_instances(tiny_set):
+    d = json.loads((tiny_set / "dataset.json").read_text())
+    assert d["format"] == 2
+    n_train = [len(json.loads(p.read_text())["objects"]) for p in (tiny_set / "train" / "annotations").glob("*.json")]
+    assert d["instances_per_scene"]["train"] == {"mean": round(float(np.mean(n_train)), 2), "min": min(n_train),
+                                                 "max": max(n_train)}
+    assert sum(d["object_counts"]["train"]) == sum(n_train)
+
+
+# ---- how scenes are formed ----------------------------------------------------------------
+
+def test_optical_density_overlaps_are_darker_than_either_cell():
+    """Beer-Lambert: where two cells overlap their densities add; alpha compositing shows only the top one."""
+    from bloodcells.composer.scene import to_colour
+
+    s1, s2 = _disk_sprite(10, sid="a"), _disk_sprite(10, sid="b")
+    s1 = Sprite("a", "healthy_rbc", s1.rgba, s1.diameter, background=(240.0, 240.0, 240.0))
+    s2 = Sprite("b", "healthy_rbc", s2.rgba, s2.diameter, background=(240.0, 240.0, 240.0))
+    plasma = np.array([236, 222, 210], np.float32)
+    results = {}
+    for blend in ("optical_density", "alpha"):
+        prep = Prepared(0.0, blend)
+        img = np.zeros((48, 64, 3), np.float32) if blend == "optical_density" else np.tile(plasma, (48, 64, 1))
+        lab = np.zeros((48, 64), np.uint8)
+        inst = np.zeros((48, 64), np.int32)
+        for k, (s, x) in enumerate(((s1, 22), (s2, 38)), start=1):
+            pm, _ = prep.get(s, s.diameter)
+            paste(img, lab, transform(pm, 1.0, 0.0, False), 9, x, 24, inst, k, prep.additive)
+        rgb = to_colour(img, plasma) if blend == "optical_density" else img
+        results[blend] = (rgb[24, 30].mean(), rgb[24, 16].mean(), rgb[24, 44].mean(), inst, rgb[2, 2])
+    overlap, left, right, inst, bg = results["optical_density"]
+    assert overlap < left - 20 and overlap < right - 20  # darker than either cell alone
+    assert np.abs(bg - plasma).max() < 1e-3  # no cell: the plasma exactly
+    assert inst[24, 30] == 2 and inst[24, 16] == 1  # the top-most cell owns the overlap
+    a_overlap, a_left, _, _, _ = results["alpha"]
+    assert abs(a_overlap - a_left) < 3  # alpha: the top cell just covers the one below
+
+
+def test_density_ranges_and_sizes_drawn_per_canvas(builtin):
+    r, pools, _ = builtin
+    sparse = validate({**TINY, "canvas": {"density": [0.25, 0.3], "overlap": [-0.5, -0.4], "size": 448, "windows": 8}})
+    dense = validate({**TINY, "canvas": {"density": [0.95, 1.0], "overlap": [0.15, 0.2], "size": 448, "windows": 8}})
+    n_sparse = [len(Composer(sparse, "train", pools["train"]).scene(i)[3]["objects"]) for i in (0, 8, 16)]
+    n_dense = [len(Composer(dense, "train", pools["train"]).scene(i)[3]["objects"]) for i in (0, 8, 16)]
+    assert max(n_sparse) * 2 < min(n_dense), (n_sparse, n_dense)
+    ann = Composer(sparse, "train", pools["train"]).scene(0)[3]
+    assert 0.25 <= ann["rbc_density"] <= 0.3 and -0.5 <= ann["rbc_overlap"] <= -0.4
+    small = validate({**TINY, "sizes": {"thrombocyte": [8, 10]}, "objects": {"weights": {"thrombocyte": 1}}})
+    c = Composer(small, "train", pools["train"])
+    plts = [o for i in range(8) for o in c.scene(i)[3]["objects"] if o["class"] == "thrombocyte"]
+    assert plts and all(o["pixels"] <= np.pi * 5.3 ** 2 for o in plts)
+    with pytest.raises(BloodcellsError, match="canvas.density"):
+        validate({"canvas": {"density": [0.9, 0.2]}})
+
+
+def test_rbcs_of_a_canvas_come_from_one_source_per_canvas():
+    """rbc_sources per_canvas: one source per canvas, so a source with both classes shows on healthy canvases too."""
+    r = load_recipe("tiny", {**TINY, "canvas": {"rbc_sources": "per_canvas"}})
+    pools, _ = sprite_pools(None, r)
+    for cls in ("healthy_rbc", "infected_rbc"):  # two sources: one with both classes, one with healthy cells only
+        pools["train"][cls] = [Sprite(s.id + "-k", s.cls, s.rgba, s.diameter, s.split, "kaggle", s.background)
+                               for s in pools["train"][cls]]
+    pools["train"]["healthy_rbc"] += [Sprite(s.id + "-b", s.cls, s.rgba, s.diameter, s.split, "bccd", s.background)
+                                      for s in pools["train"]["healthy_rbc"]]
+    comp = Composer(r, "train", pools["train"])
+    seen = {}
+    for i in range(0, 24, 8):
+        ann = comp.scene(i)[3]
+        rbc_sources = {o["source"] for o in ann["objects"] if o["class"].endswith("_rbc")}
+        assert rbc_sources == {ann["rbc_source"]}
+        seen.setdefault(ann["kind"], set()).add(ann["rbc_source"])
+    assert seen.get("infected", {"kaggle"}) == {"kaggle"}  # only kaggle has infected cells
+
+
+def test_background_fields_from_real_smears_become_the_plasma(builtin):
+    """Canvases on a plasma field take its colour and gradient; labels do not change."""
+    r, pools, _ = builtin
+    field_rgba = np.zeros((64, 64, 4), np.uint8)
+    field_rgba[..., 0] = np.linspace(150, 250, 64, dtype=np.uint8)[None, :]
+    field_rgba[..., 1:3] = 200
+    field_rgba[..., 3] = 255
+    fields = {**pools["train"], "background": [Sprite("f", "background", field_rgba, 0.0)]}
+    look = {"backgrounds": 1.0, "background_tone": 0, "illumination": 0, "noise": 0, "blur": [0, 0]}
+    rec = validate({**TINY, "look": look})
+    img, lab, _, _ = Composer(rec, "train", fields).scene(0)
+    plain, lab2, _, _ = Composer(validate({**TINY, "look": {**look, "backgrounds": 0.0}}), "train",
+                                 pools["train"]).scene(0)
+    assert np.array_equal(lab, lab2)
+    far = cv2.erode((lab == 0).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # plasma away from cell edges
+    spread = [np.subtract(*np.percentile(x[..., 0][far].astype(float), [95, 5])) for x in (img, plain)]
+    assert spread[0] > 12 and spread[1] < 4, spread
+
+
+def test_recipe_base_inherits_and_overrides(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: varied\nlook: {blend: alpha}\nscenes: {train: 5}\n")
+    r = load_recipe(child)
+    base = load_recipe("varied")
+    assert r["name"] == "child" and r["look"]["blend"] == "alpha" and r["scenes"]["train"] == 5
+    assert r["look"]["plasma"] == base["look"]["plasma"] and r["scenes"]["val"] == base["scenes"]["val"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(BloodcellsError, match="cycle"):
+        load_recipe(loop)

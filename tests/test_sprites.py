@@ -249,3 +249,26 @@ def test_cli_stats_and_sheet(real_bank, tmp_path):
     assert r.returncode == 0, r.stderr
     sheet = cv2.imread(str(out))
     assert sheet.shape[0] >= 8 * 72  # a row per class present
+
+
+def test_real_smears_give_plasma_fields_and_their_colour(real_bank):
+    """Smears and crops on plasma (not cells cut out on black) record the plasma colour their cells were seen
+    against, and give a cell-free background field per source image, split like its sprites."""
+    bank, _ = real_bank
+    recs = bank.records(fields=True)
+    fields = [r for r in recs if r["class"] == "background"]
+    by_source = Counter(r["source"].split(":")[0] for r in fields)
+    assert by_source["mamic"] > 100 and by_source["crops"] > 100 and by_source["masked"] > 50
+    assert "kaggle" not in by_source
+    assert {r["split"] for r in fields} == {"train", "val", "test"}
+    cells = [r for r in recs if r["class"] != "background"]
+    assert all(r["background"] is None for r in cells if r["source"].startswith("kaggle"))
+    coloured = [r for r in cells if not r["source"].startswith("kaggle")]
+    assert all(r["background"] is not None for r in coloured)
+    bccd = np.array([r["background"] for r in coloured if r["source"].startswith("mamic")])
+    assert np.all(bccd.mean(axis=0) > 180)  # a light plasma, not a cell colour
+    for r in fields[:20]:
+        f = cv2.imread(str(bank.root / r["path"]), cv2.IMREAD_UNCHANGED)
+        assert f.shape[2] == 4 and max(f.shape[:2]) == 96 and (f[..., 3] == 255).all()
+        rgb = f[..., :3][..., ::-1].reshape(-1, 3).astype(float)
+        assert np.abs(np.median(rgb, axis=0) - r["background"]).max() < 25  # the field is the plasma's colour
