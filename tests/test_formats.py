@@ -199,7 +199,7 @@ def test_split_lists_voc_yolo_and_csv(tmp_path) -> None:
 
 def test_bom_and_odd_column_case_and_order(tmp_path) -> None:
     _image(tmp_path / "s1.png")
-    (tmp_path / "boxes.csv").write_bytes("\ufeff Label ,IMAGE, XMin,yMin ,Xmax,YMAX\r\nRBC,s1.png,1.5,2,30,40\r\n"
+    (tmp_path / "boxes.csv").write_bytes("\ufeff Label ,IMAGE, X Min,yMin ,Xmax,Y MAX\r\nRBC,s1.png,1.5,2,30,40\r\n"
                                          .encode("utf-8"))
     (im,) = read_boxes(tmp_path)
     assert im.path == tmp_path / "s1.png" and im.boxes == (Box("RBC", (1.5, 2.0, 30.0, 40.0)),)
