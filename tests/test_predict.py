@@ -406,6 +406,9 @@ def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> Non
     sub = read_wbc_subtypes(csv_path)
     assert subtype_of("BloodImage_00003.jpg", sub) == "neutrophil"
     assert subtype_of("BloodImage_00010.jpg", sub) is None and subtype_of("BloodImage_00011.jpg", sub) is None
+    # a broken annotation costs its image, not the run
+    (root / "Annotations" / "BloodImage_00020.xml").write_text("<annotation><object>")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("BloodImage_00003\nBloodImage_00010\nBloodImage_00020\n")
     out = tmp_path / "real"
     r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "test", "--scale", "1",
             "--wbc-labels", str(csv_path), "--out", str(out), "--precision", "fp32", "--no-progress")
@@ -413,6 +416,7 @@ def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> Non
     assert "rbc" in r.output and "Weird 1" in r.output
     m = read_json(out / "metrics.json")
     assert m["images"] == 2 and m["unknown_labels"] == {"Weird": 1} and m["matching"]["iou"] == 0.3
+    assert len(m["failed"]) == 1 and "BloodImage_00020.xml: unreadable VOC annotation" in m["failed"][0]
     for g, want in (("rbc", 2), ("wbc", 1), ("platelet", 1)):
         row = m["groups"][g]
         assert row["gt"] == want and row["tp"] + row["fn"] == want and row["tp"] + row["fp"] == row["pred"]
