@@ -7,13 +7,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from bloodcells.classes import PALETTE, index_of
 from bloodcells.composer.aliases import AliasTable
 from bloodcells.composer.sources import list_items
 from bloodcells.errors import BloodcellsError
-from bloodcells.formats import (SUBTYPE_AMBIGUOUS, SUBTYPE_MISSING, Box, detect_box_layout, image_key, legend,
-                                read_box_csv, read_boxes, read_id_csv, read_voc, read_wbc_subtypes, read_yolo)
+from bloodcells.formats import (SUBTYPE_AMBIGUOUS, SUBTYPE_MISSING, Box, detect_box_layout, image_key, image_size,
+                                legend, read_box_csv, read_boxes, read_id_csv, read_voc, read_wbc_subtypes, read_yolo)
+from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.realeval import subtype_of
 
 H, W = 120, 200
@@ -88,6 +90,20 @@ def test_fractional_coordinates_stay_floats_and_cover_whole_pixels_when_cut(tmp_
     assert _importer_boxes(tmp_path)["s1.png"] == [("RBC", (10, 20, 50, 60)), ("RBC", (99, 30, 161, 90))]
     # float noise from YOLO fractions does not widen an integer box
     assert Box("RBC", (0.1 * 3 * 100, 10.000000000001, 99.99999999999, 50.0)).pixels() == (30, 10, 100, 50)
+
+
+def test_image_size_from_the_header_matches_the_decoded_image(tmp_path) -> None:
+    # YOLO fractions are of the image as it decodes: a phone JPEG stored sideways (EXIF orientation 6)
+    # decodes upright, so its width and height swap
+    im = Image.fromarray(np.zeros((40, 100, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "side.jpg", exif=exif)
+    im.save(tmp_path / "plain.png")
+    for name in ("side.jpg", "plain.png"):
+        h, w = read_rgb(tmp_path / name).shape[:2]
+        assert image_size(tmp_path / name) == (w, h)
+    assert image_size(tmp_path / "plain.png") == (100, 40)
 
 
 # ---- per-image problems and folder problems ---------------------------------------------------
