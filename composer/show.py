@@ -3,25 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from bloodcells.classes import NAMES, PALETTE, colorize
+from bloodcells.classes import colorize
 from bloodcells.errors import BloodcellsError
+from bloodcells.formats import legend
 from bloodcells.imageio import read_gray, read_rgb
-
-
-def legend(classes: list[int], width: int, row_h: int = 22) -> np.ndarray:
-    """A white strip with a colour swatch and name for each class index given."""
-    per_row = max(1, width // 170)
-    rows = -(-len(classes) // per_row)
-    img = np.full((rows * row_h + 6, width, 3), 255, np.uint8)
-    for k, c in enumerate(classes):
-        x, y = 8 + (k % per_row) * 170, 4 + (k // per_row) * row_h
-        cv2.rectangle(img, (x, y + 3), (x + 14, y + 17), PALETTE[c].tolist(), -1)
-        cv2.rectangle(img, (x, y + 3), (x + 14, y + 17), (0, 0, 0), 1)
-        cv2.putText(img, NAMES[c], (x + 20, y + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return img
 
 
 def grid(data: Path, split: str = "train", n: int = 16, cols: int = 4, seed: int = 0) -> np.ndarray:

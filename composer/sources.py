@@ -8,17 +8,18 @@ Layouts (documented in README.md, "Importing cells"):
 - lisc   : <root>/Main Dataset/<class>/N.bmp + <root>/Ground Truth Segmentation/<class>/areaforexpert1/N_expert.bmp
 - iumc   : the masked layout with one folder per class
 - boxes / mamic : whole smears with boxes: Pascal VOC (Annotations/*.xml + JPEGImages/),
-           YOLO (images/ + labels/*.txt + classes.txt) or a CSV (image,xmin,ymin,xmax,ymax,label)
+           YOLO (images/ + labels/*.txt + classes.txt) or a CSV (image,xmin,ymin,xmax,ymax,label),
+           read by bloodcells.formats (the readers evaluation on real smears uses too)
 """
 from __future__ import annotations
 
-import csv
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bloodcells.errors import BloodcellsError
+from bloodcells.formats import (Subtype, SubtypeTable, detect_box_layout, image_key, read_boxes, read_id_csv,
+                                read_wbc_subtypes, voc_split_file, voc_split_stems)
 from bloodcells.imageio import IMAGE_SUFFIXES
 
 from .aliases import SKIP, AliasTable
@@ -30,7 +31,7 @@ KINDS = ("kaggle", "crops", "masked", "lisc", "iumc", "boxes", "mamic")
 class Box:
     cls: str | None  # class name, or None when unusable (then `skip` says why)
     label: str  # the label as the source wrote it
-    xyxy: tuple[int, int, int, int]
+    xyxy: tuple[int, int, int, int]  # integer pixels: formats.Box.pixels (floor x0/y0, ceil x1/y1)
     skip: str | None = None
 
 
@@ -105,39 +106,13 @@ def _is_mask_name(p: Path, all_stems: set[tuple[Path, str]]) -> bool:
     return p.suffix.lower() == ".png" and (p.parent, p.stem) in all_stems
 
 
-def read_label_csv(path: Path) -> dict[str, str]:
-    """id -> label from a CSV with an id/image/file column and a class/label/category column."""
-    path = Path(path)
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except OSError as e:
-        raise BloodcellsError(f"{path}: cannot read labels CSV ({e.strerror}); check --labels") from None
-    if not rows:
-        raise BloodcellsError(f"{path}: empty labels CSV; it needs a header like 'image,class'")
-    head = [h.strip().lower() for h in rows[0]]
-    id_col = next((i for i, h in enumerate(head) if re.search(r"id|image|file|name", h)), None)
-    cls_col = next((i for i, h in enumerate(head) if re.search(r"class|label|category|type", h) and i != id_col), None)
-    if id_col is None or cls_col is None:
-        raise BloodcellsError(f"{path}: need an image-id column and a class column in the header, got {rows[0]}")
-    out = {}
-    for r in rows[1:]:
-        if len(r) > max(id_col, cls_col) and r[id_col].strip():
-            out[_id_norm(r[id_col])] = r[cls_col].strip()
-    return out
-
-
-def _id_norm(s: str) -> str:
-    s = Path(s.strip()).stem
-    return str(int(s)) if s.isdigit() else s.lower()
-
-
 def masked_items(root: Path, aliases: AliasTable, labels: Path | None = None,
                  mask_pattern: str | None = None) -> list[Item]:
     """Images with expert masks; class from `labels` CSV or from the image's folder."""
     root = _require_dir(root)
     files = _images(root, recursive=True)
     stems = {(p.parent, p.stem) for p in files if p.suffix.lower() != ".png"}
-    table = read_label_csv(labels) if labels else None
+    table = read_id_csv(labels, "--labels") if labels else None
     pat = re.compile(re.escape(mask_pattern).replace(re.escape("{stem}"), ".+") + "$") if mask_pattern else None
     items = []
     for img in files:
@@ -148,7 +123,7 @@ def masked_items(root: Path, aliases: AliasTable, labels: Path | None = None,
             items.append(Item(_key(root, img), img, "given", skip="no mask found (expected X.png, X_mask.*, or masks/X.*)"))
             continue
         if table is not None:
-            label = table.get(_id_norm(img.name))
+            label = table.get(image_key(img.name))
             if label is None:
                 items.append(Item(_key(root, img), img, "given", skip=f"not in {Path(labels).name}"))
                 continue
@@ -183,139 +158,47 @@ def lisc_items(root: Path, aliases: AliasTable) -> list[Item]:
 
 # ---- boxes on whole smears -------------------------------------------------------------
 
-def _voc_objects(xml_path: Path) -> tuple[str, list[tuple[str, tuple[int, int, int, int]]]]:
-    try:
-        tree = ET.parse(xml_path)
-    except (ET.ParseError, OSError) as e:
-        raise ValueError(f"unreadable VOC annotation ({e})") from None
-    r = tree.getroot()
-    fname = (r.findtext("filename") or xml_path.stem + ".jpg").strip()
-    objs = []
-    for o in r.iter("object"):
-        bb = o.find("bndbox")
-        if bb is None:
-            continue
-        try:
-            xyxy = tuple(int(round(float(bb.findtext(k)))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError):
-            continue
-        objs.append(((o.findtext("name") or "").strip(), xyxy))
-    return fname, objs
-
-
-def read_wbc_subtypes(path: Path) -> dict[str, str | None]:
-    """Image number -> WBC subtype (None when blank or a list: ambiguous), e.g. BCCD's Mooney CSV."""
-    table = read_label_csv(path)
-    return {k: (v if v and "," not in v else None) for k, v in table.items()}
-
-
-def _image_number(name: str) -> str:
-    m = re.findall(r"\d+", Path(name).stem)
-    return str(int(m[-1])) if m else Path(name).stem.lower()
-
-
 def _reserved(root: Path) -> set[str]:
-    """BCCD/VOC test split: kept for evaluation on real smears, never cut into sprites."""
-    f = root / "ImageSets" / "Main" / "test.txt"
-    return {s.strip() for s in f.read_text().split()} if f.is_file() else set()
+    """The VOC test split: kept for evaluation on real smears, never cut into sprites."""
+    return set(voc_split_stems(root, "test")) if voc_split_file(root, "test").is_file() else set()
+
+
+def _wbc_box(subtype: Subtype | None, aliases: AliasTable) -> tuple[str | None, str | None]:
+    """(class, skip reason) of a box labelled only 'WBC': its image's subtype from --wbc-labels."""
+    if subtype is None:
+        return None, "WBC box without subtype (pass --wbc-labels CSV)"
+    if subtype.name is None:
+        return None, subtype.reason
+    return _class_of(subtype.name, aliases)
 
 
 def box_items(root: Path, aliases: AliasTable, wbc_labels: Path | None = None,
               include_test: bool = False, csv_path: Path | None = None) -> list[Item]:
     """Whole smears with boxes (VOC, YOLO or CSV); RBC boxes -> box+threshold, others -> stained cell in box."""
     root = _require_dir(root)
-    subtypes = read_wbc_subtypes(wbc_labels) if wbc_labels else None
-    reserved = set() if include_test else _reserved(root)
-    raw: list[tuple[Path, list[tuple[str, tuple[int, int, int, int]]], str | None]] = []
-    if csv_path or (root / "boxes.csv").is_file():
-        raw = _csv_boxes(root, Path(csv_path) if csv_path else root / "boxes.csv")
-    elif (root / "Annotations").is_dir():
-        for x in sorted((root / "Annotations").glob("*.xml")):
-            try:
-                fname, objs = _voc_objects(x)
-            except ValueError as e:
-                raw.append((x, [], str(e)))
-                continue
-            img = root / "JPEGImages" / fname
-            if not img.is_file():
-                img = next((p for p in (root / "JPEGImages").glob(x.stem + ".*")), img)
-            raw.append((img, objs, None))
-    elif (root / "labels").is_dir():
-        raw = _yolo_boxes(root)
-    else:
-        raise BloodcellsError(f"{root}: no boxes found; expected Annotations/*.xml (VOC), labels/*.txt + "
-                              "classes.txt (YOLO) or boxes.csv")
+    subtypes: SubtypeTable | None = read_wbc_subtypes(wbc_labels) if wbc_labels else None
+    layout = detect_box_layout(root, csv_path)
+    reserved = _reserved(root) if layout == "voc" and not include_test else set()
     items = []
-    for img, objs, err in raw:
+    for im in read_boxes(root, layout, "all", csv_path):
+        img = im.path
         key = _key(root, img) if img.resolve().is_relative_to(root.resolve()) else f"{root.name}/{img.name}"
-        if img.stem in reserved:
+        if im.annotation is not None and im.annotation.stem in reserved:
             items.append(Item(key, img, "boxes", skip="reserved: test split kept for real-smear evaluation"))
             continue
-        if err:
-            items.append(Item(key, img, "boxes", skip=err))
+        if im.error:
+            items.append(Item(key, img, "boxes", skip=im.error))
             continue
         boxes = []
-        for label, xyxy in objs:
-            cls, skip = _class_of(label, aliases)
-            if aliases.resolve(label) == SKIP and label.strip().lower() == "wbc":
-                if subtypes is None:
-                    cls, skip = None, "WBC box without subtype (pass --wbc-labels CSV)"
-                else:
-                    sub = subtypes.get(_image_number(img.name))
-                    cls, skip = (_class_of(sub, aliases) if sub else (None, "ambiguous or missing WBC subtype"))
-            boxes.append(Box(cls, label, xyxy, skip))
+        for b in im.boxes:
+            cls, skip = _class_of(b.label, aliases)
+            if aliases.resolve(b.label) == SKIP and b.label.strip().lower() == "wbc":
+                cls, skip = _wbc_box(subtypes.lookup(img) if subtypes else None, aliases)
+            boxes.append(Box(cls, b.label, b.pixels(), skip))
         items.append(Item(key, img, "boxes", boxes=tuple(boxes)))
     if not items:
         raise BloodcellsError(f"{root}: no annotated images found")
     return items
-
-
-def _csv_boxes(root: Path, path: Path):
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except OSError as e:
-        raise BloodcellsError(f"{path}: cannot read ({e.strerror})") from None
-    need = {"image", "xmin", "ymin", "xmax", "ymax", "label"}
-    if not rows or not need <= {k.strip().lower() for k in rows[0]}:
-        raise BloodcellsError(f"{path}: expected columns {','.join(sorted(need))}")
-    by_img: dict[str, list] = {}
-    for r in rows:
-        r = {k.strip().lower(): v for k, v in r.items()}
-        try:
-            xyxy = tuple(int(round(float(r[k]))) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except ValueError:
-            continue
-        by_img.setdefault(r["image"], []).append((r["label"], xyxy))
-    return [(root / name, objs, None) for name, objs in sorted(by_img.items())]
-
-
-def _yolo_boxes(root: Path):
-    names_file = next((f for f in (root / "classes.txt", root / "labels" / "classes.txt") if f.is_file()), None)
-    if names_file is None:
-        raise BloodcellsError(f"{root}: YOLO labels need classes.txt (one class name per line)")
-    names = [n.strip() for n in names_file.read_text().splitlines() if n.strip()]
-    img_dir = root / "images" if (root / "images").is_dir() else root
-    out = []
-    for img in _images(img_dir):
-        lab = root / "labels" / f"{img.stem}.txt"
-        if not lab.is_file():
-            continue
-        import cv2  # only the size is needed
-        im = cv2.imread(str(img), cv2.IMREAD_UNCHANGED)
-        if im is None:
-            out.append((img, [], "unreadable image"))
-            continue
-        h, w = im.shape[:2]
-        objs = []
-        for line in lab.read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 5:
-                continue
-            c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
-            label = names[c] if c < len(names) else str(c)
-            objs.append((label, (int((cx - bw / 2) * w), int((cy - bh / 2) * h), int((cx + bw / 2) * w), int((cy + bh / 2) * h))))
-        out.append((img, objs, None))
-    return out
 
 
 def list_items(kind: str, root: Path, aliases: AliasTable, labels: Path | None = None,

@@ -9,15 +9,12 @@ component's box is looser or tighter than a hand-drawn one, and touching cells o
 one component; 0.3 still rejects a component that only grazes a cell). Unmatched components are false
 positives, unmatched boxes false negatives. WBC subtype accuracy: for each matched WBC whose image has
 one subtype in the list, the majority WBC class over the component's pixels against that subtype.
+Boxes, box label groups and subtypes are read by bloodcells.formats, the readers the importer uses too.
 """
 from __future__ import annotations
 
-import csv
-import math
-import re
-import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,142 +24,23 @@ from tqdm import tqdm
 
 from bloodcells.classes import CLASSES, GROUPS, NAMES, NUM_CLASSES, index_of
 from bloodcells.errors import BloodcellsError
-from bloodcells.formats import write_json
-from bloodcells.imageio import IMAGE_SUFFIXES, read_rgb
+from bloodcells.formats import (AnnotatedImage, Box, SubtypeTable, detect_box_layout, read_boxes, read_wbc_subtypes,
+                                write_json)
+from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_scale
 from bloodcells.segmenter.predict import load_predictor
 
-GROUP_NAMES = ("rbc", "wbc", "platelet")
-# the source's box label (lower case) -> group; anything else is counted as unknown and left out
-LABEL_GROUPS = {"rbc": "rbc", "wbc": "wbc", "platelets": "platelet", "platelet": "platelet"}
+GROUP_NAMES = ("rbc", "wbc", "platelet")  # the groups of formats.LABEL_GROUPS
 # class index -> group index (0 background, then GROUP_NAMES order)
 CLASS_GROUP = np.array([GROUP_NAMES.index(c.group) + 1 if c.group in GROUP_NAMES else 0 for c in CLASSES], np.int32)
 WBC_CLASSES = tuple(index_of(n) for n in GROUPS["wbc"])
-SUBTYPE_NAMES = {n.upper(): n for n in GROUPS["wbc"]}
 
 
-@dataclass(frozen=True)
-class GTBox:
-    """A ground-truth box: its group (None when the label is unknown), the label as written, x0, y0, x1, y1."""
-
-    group: str | None
-    label: str
-    xyxy: tuple[float, float, float, float]
-
-
-@dataclass
-class RealImage:
-    """One annotated smear."""
-
-    path: Path
-    boxes: list[GTBox] = field(default_factory=list)
-
-
-def _box(label: str, xyxy: Sequence[float]) -> GTBox:
-    return GTBox(LABEL_GROUPS.get(label.strip().lower()), label.strip(), tuple(float(v) for v in xyxy))
-
-
-def read_voc(root: str | Path, split: str = "test") -> list[RealImage]:
-    """Pascal VOC: Annotations/*.xml + JPEGImages/, images listed in ImageSets/Main/<split>.txt ('all': every one)."""
-    root = Path(root)
-    ann = root / "Annotations"
-    if not ann.is_dir():
-        raise BloodcellsError(f"{root}: no Annotations/ folder; give a Pascal VOC folder (Annotations/, JPEGImages/)")
-    if split == "all":
-        stems = sorted(p.stem for p in ann.glob("*.xml"))
-    else:
-        listing = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not listing.is_file():
-            raise BloodcellsError(f"{listing}: no such split list; choose another --split or --split all")
-        stems = [s.strip() for s in listing.read_text().split() if s.strip()]
-    images = []
-    for stem in stems:
-        xml = ann / f"{stem}.xml"
-        try:
-            tree = ET.parse(xml).getroot()
-        except FileNotFoundError:
-            raise BloodcellsError(f"{xml}: listed in split {split!r} but missing; fix the split list") from None
-        except ET.ParseError as e:
-            raise BloodcellsError(f"{xml}: not valid XML ({e}); fix or remove it") from None
-        name = tree.findtext("filename") or f"{stem}.jpg"
-        path = root / "JPEGImages" / Path(name).name
-        if not path.is_file():
-            hits = [p for p in (root / "JPEGImages").glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES]
-            path = hits[0] if hits else path
-        boxes = []
-        for obj in tree.iter("object"):
-            bb = obj.find("bndbox")
-            if bb is None:
-                continue
-            try:
-                xyxy = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-            except (TypeError, ValueError):
-                continue
-            boxes.append(_box(obj.findtext("name") or "", xyxy))
-        images.append(RealImage(path, boxes))
-    return images
-
-
-def read_yolo(root: str | Path, split: str = "test") -> list[RealImage]:
-    """YOLO: images/[<split>/] + labels/[<split>/]<stem>.txt (class cx cy w h, 0..1) + classes.txt (one name a line)."""
-    root = Path(root)
-    names_file = root / "classes.txt"
-    if not names_file.is_file():
-        raise BloodcellsError(f"{root}: no classes.txt; a YOLO folder needs images/, labels/ and classes.txt")
-    names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
-    img_dir, lbl_dir = root / "images", root / "labels"
-    if split != "all" and (img_dir / split).is_dir():
-        img_dir, lbl_dir = img_dir / split, lbl_dir / split
-    elif split != "all":
-        raise BloodcellsError(f"{img_dir / split}: no such split folder; use --split all for every image in {img_dir}")
-    if not img_dir.is_dir():
-        raise BloodcellsError(f"{img_dir}: no such folder; a YOLO folder needs images/, labels/ and classes.txt")
-    images = []
-    for path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        boxes = []
-        txt = lbl_dir / f"{path.stem}.txt"
-        lines = txt.read_text().splitlines() if txt.is_file() else []
-        if lines:
-            h, w = read_rgb(path).shape[:2]
-            for ln in lines:
-                parts = ln.split()
-                if len(parts) < 5:
-                    continue
-                k, cx, cy, bw, bh = int(float(parts[0])), *map(float, parts[1:5])
-                label = names[k] if 0 <= k < len(names) else str(k)
-                boxes.append(_box(label, ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)))
-        images.append(RealImage(path, boxes))
-    return images
-
-
-def read_subtypes(path: str | Path) -> dict[str, str]:
-    """WBC subtype per image key (the image number as text, or a file stem) from a CSV with Image and Category columns.
-
-    Blank categories and lists of several types are ambiguous and left out; so are names that are not a WBC type.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise BloodcellsError(f"{path}: no such subtype list; check --wbc-labels") from None
-    if rows and not {"Image", "Category"} <= set(rows[0]):
-        raise BloodcellsError(f"{path}: needs columns Image and Category (like BCCD's wbc_subtype_labels_mooney.csv)")
-    out = {}
-    for r in rows:
-        key, cat = (r.get("Image") or "").strip(), (r.get("Category") or "").strip().upper()
-        if key and cat in SUBTYPE_NAMES:
-            out[str(int(key)) if key.isdigit() else Path(key).stem] = SUBTYPE_NAMES[cat]
-    return out
-
-
-def subtype_of(stem: str, subtypes: Mapping[str, str]) -> str | None:
-    """The listed subtype of an image: by its stem, or by the number at its end (BloodImage_00012 -> '12')."""
-    if stem in subtypes:
-        return subtypes[stem]
-    m = re.search(r"(\d+)$", stem)
-    return subtypes.get(str(int(m.group(1)))) if m else None
+def subtype_of(image: str | Path, subtypes: SubtypeTable) -> str | None:
+    """The WBC class listed for an image file; None when ambiguous, missing, or not one of the five WBC types."""
+    name = subtypes.lookup(image).name
+    return name.strip().lower() if name and name.strip().lower() in GROUPS["wbc"] else None
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -219,7 +97,7 @@ def group_components(labels: np.ndarray, min_area: Mapping[str, float]) -> dict[
     return out
 
 
-def score_image(labels: np.ndarray, boxes: Sequence[GTBox], min_area: Mapping[str, float], iou: float = 0.3,
+def score_image(labels: np.ndarray, boxes: Sequence[Box], min_area: Mapping[str, float], iou: float = 0.3,
                 subtype: str | None = None) -> dict[str, Any]:
     """Per group tp / fp / fn for one label map and its boxes, and (pred, true) WBC subtype pairs for matched WBCs."""
     comps = group_components(labels, min_area)
@@ -250,17 +128,6 @@ def min_areas(areas: Mapping[int, float], factor: float, min_fraction: float = M
     return {g: min_fraction * min(areas[index_of(n)] for n in GROUPS[g]) / (factor * factor) for g in GROUP_NAMES}
 
 
-def detect_layout(root: str | Path) -> str:
-    """'voc' or 'yolo' from the folder's contents."""
-    root = Path(root)
-    if (root / "Annotations").is_dir():
-        return "voc"
-    if (root / "classes.txt").is_file() and (root / "images").is_dir():
-        return "yolo"
-    raise BloodcellsError(f"{root}: neither Pascal VOC (Annotations/, JPEGImages/) nor YOLO (images/, labels/, "
-                          "classes.txt); check the folder")
-
-
 def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto", split: str = "test",
                   scale: str | float = "auto", iou: float = 0.3, min_fraction: float = MIN_FRACTION,
                   wbc_labels: str | Path | None = None, out: str | Path | None = None,
@@ -271,19 +138,22 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
     if not 0.0 < iou <= 1.0:
         raise BloodcellsError(f"--iou {iou}: must be above 0 and at most 1, e.g. 0.3")
     factor = parse_scale(scale)
-    layout = detect_layout(root) if layout == "auto" else layout
-    images = read_voc(root, split) if layout == "voc" else read_yolo(root, split)
+    layout = detect_box_layout(root) if layout == "auto" else layout
+    images: list[AnnotatedImage] = read_boxes(root, layout, split)
     if max_images is not None:
         images = images[:max_images]
     if not images:
         raise BloodcellsError(f"{root}: no annotated images in split {split!r}")
-    subtypes = read_subtypes(wbc_labels) if wbc_labels is not None else {}
+    subtypes = read_wbc_subtypes(wbc_labels) if wbc_labels is not None else None
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
     totals = {g: Counter() for g in GROUP_NAMES}
     unknown: Counter = Counter()
     sub_pairs: list[tuple[str, str]] = []
     per_image, failed, factors = [], [], []
     for im in tqdm(images, desc="evaluate-real", unit="img", disable=not progress):
+        if im.error:  # one bad annotation file costs its image, not the run
+            failed.append(f"{im.annotation or im.path}: {im.error}")
+            continue
         unknown.update(b.label for b in im.boxes if b.group is None)
         try:
             image = read_rgb(im.path)
@@ -293,7 +163,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
             continue
         factors.append(pred.scale)
         s = score_image(pred.labels, im.boxes, min_areas(predictor.areas, pred.scale, min_fraction), iou,
-                        subtype_of(im.path.stem, subtypes) if subtypes else None)
+                        subtype_of(im.path, subtypes) if subtypes is not None else None)
         for g in GROUP_NAMES:
             totals[g].update({k: s[g][k] for k in ("tp", "fp", "fn", "gt", "pred")})
         sub_pairs += s["subtypes"]
@@ -347,5 +217,5 @@ def format_table(result: Mapping[str, Any]) -> str:
         unknown = result["unknown_labels"].items()
         lines.append("unknown box labels (left out): " + ", ".join(f"{k} {v}" for k, v in unknown))
     if result["failed"]:
-        lines.append(f"skipped {len(result['failed'])} unreadable image(s): " + "; ".join(result["failed"][:3]))
+        lines.append(f"skipped {len(result['failed'])} unreadable image(s) or annotation(s): " + "; ".join(result["failed"][:3]))
     return "\n".join(lines)

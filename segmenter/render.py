@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bloodcells.classes import NAMES, NUM_CLASSES, PALETTE, colorize
+from bloodcells.classes import NUM_CLASSES, PALETTE, colorize
 from bloodcells.errors import BloodcellsError, disk_errors
+from bloodcells.formats import legend
 from bloodcells.imageio import read_rgb, write_bytes_atomic
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".gif"}
@@ -28,20 +29,6 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.nda
     """The image with cell pixels tinted by their class colour (background pixels left as they are)."""
     tint = cv2.addWeighted(image, 1.0 - alpha, colorize(label), alpha, 0.0)
     return np.where((label > 0)[..., None], tint, image)
-
-
-def legend(classes: Sequence[int], width: int, row_h: int = 22, col_w: int = 150) -> np.ndarray:
-    """A white strip with a colour swatch and the name of each class index given, wrapped to `width`."""
-    per_row = max(1, (width - 8) // col_w)
-    rows = max(1, -(-len(classes) // per_row))
-    img = np.full((rows * row_h + 6, width, 3), 255, np.uint8)
-    for k, c in enumerate(classes):
-        x, y = 8 + (k % per_row) * col_w, 4 + (k // per_row) * row_h
-        colour = tuple(int(v) for v in PALETTE[c])
-        cv2.rectangle(img, (x, y + 3), (x + 14, y + 17), colour, -1)
-        cv2.rectangle(img, (x, y + 3), (x + 14, y + 17), (0, 0, 0), 1)
-        cv2.putText(img, NAMES[c], (x + 20, y + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    return img
 
 
 def side_by_side(image: np.ndarray, label: np.ndarray, classes: Sequence[int] | None = None,

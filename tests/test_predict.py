@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize, index_of
 from bloodcells.errors import BloodcellsError
-from bloodcells.formats import read_json
+from bloodcells.formats import Box, detect_box_layout, read_json, read_voc, read_wbc_subtypes, read_yolo
 from bloodcells.imageio import read_gray, read_rgb, write_png
 from bloodcells.segmenter.checkpoint import save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
@@ -22,8 +22,7 @@ from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, par
                              resize_image, tile_starts)
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
-from bloodcells.segmenter.realeval import (GTBox, greedy_match, iou_matrix, read_subtypes, read_voc, score_image,
-                                subtype_of)
+from bloodcells.segmenter.realeval import greedy_match, iou_matrix, score_image, subtype_of
 from bloodcells.segmenter.render import side_by_side, video_info, write_mp4
 
 HEALTHY = index_of("healthy_rbc")
@@ -358,9 +357,8 @@ def test_colorize_gif_mp4_and_video_input(checkpoint, tmp_path) -> None:
 
 def test_matching_counts_on_a_hand_made_box_case() -> None:
     lab = np.zeros((200, 300), np.uint8)
-    gt = [GTBox("rbc", "RBC", (10, 10, 50, 50)), GTBox("rbc", "RBC", (100, 10, 140, 50)),
-          GTBox("rbc", "RBC", (200, 10, 240, 50)), GTBox("wbc", "WBC", (20, 100, 100, 180)),
-          GTBox(None, "Foo", (0, 0, 5, 5))]
+    gt = [Box("RBC", (10, 10, 50, 50)), Box("RBC", (100, 10, 140, 50)),
+          Box("RBC", (200, 10, 240, 50)), Box("WBC", (20, 100, 100, 180)), Box("Foo", (0, 0, 5, 5))]
     lab[12:50, 12:48] = HEALTHY  # matches box 1
     lab[10:52, 104:140] = index_of("infected_rbc")  # matches box 2 (same group)
     lab[150:190, 200:240] = HEALTHY  # a false positive; box 3 is missed
@@ -405,9 +403,12 @@ def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> Non
     csv_path.write_text(',Image,Category\n,3,NEUTROPHIL\n,10,"NEUTROPHIL, EOSINOPHIL"\n,11,\n')
     images = read_voc(root, "test")
     assert [len(i.boxes) for i in images] == [3, 2] and images[1].boxes[1].group is None
-    sub = read_subtypes(csv_path)
-    assert sub == {"3": "neutrophil"} and subtype_of("BloodImage_00003", sub) == "neutrophil"
-    assert subtype_of("BloodImage_00010", sub) is None
+    sub = read_wbc_subtypes(csv_path)
+    assert subtype_of("BloodImage_00003.jpg", sub) == "neutrophil"
+    assert subtype_of("BloodImage_00010.jpg", sub) is None and subtype_of("BloodImage_00011.jpg", sub) is None
+    # a broken annotation costs its image, not the run
+    (root / "Annotations" / "BloodImage_00020.xml").write_text("<annotation><object>")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("BloodImage_00003\nBloodImage_00010\nBloodImage_00020\n")
     out = tmp_path / "real"
     r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "test", "--scale", "1",
             "--wbc-labels", str(csv_path), "--out", str(out), "--precision", "fp32", "--no-progress")
@@ -415,6 +416,7 @@ def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> Non
     assert "rbc" in r.output and "Weird 1" in r.output
     m = read_json(out / "metrics.json")
     assert m["images"] == 2 and m["unknown_labels"] == {"Weird": 1} and m["matching"]["iou"] == 0.3
+    assert len(m["failed"]) == 1 and "BloodImage_00020.xml: unreadable VOC annotation" in m["failed"][0]
     for g, want in (("rbc", 2), ("wbc", 1), ("platelet", 1)):
         row = m["groups"][g]
         assert row["gt"] == want and row["tp"] + row["fn"] == want and row["tp"] + row["fp"] == row["pred"]
@@ -430,19 +432,19 @@ def test_bccd_layout_reads(datasets) -> None:
     assert len(images) == 72 and all(i.path.is_file() for i in images)
     groups = {b.group for i in images for b in i.boxes}
     assert groups <= {"rbc", "wbc", "platelet"}
-    sub = read_subtypes(datasets / "bccd" / "wbc_subtype_labels_mooney.csv")
-    assert len(sub) > 300 and set(sub.values()) <= {"neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil"}
+    sub = read_wbc_subtypes(datasets / "bccd" / "wbc_subtype_labels_mooney.csv")
+    named = {subtype_of(f"BloodImage_{int(k):05d}.jpg", sub) for k, s in sub.entries.items() if s.name}
+    assert len([s for s in sub.entries.values() if s.name]) > 300
+    assert named == {"neutrophil", "eosinophil", "lymphocyte", "monocyte", "basophil"}
 
 
 def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
-    from bloodcells.segmenter.realeval import detect_layout, read_yolo
-
     (tmp_path / "images" / "test").mkdir(parents=True)
     (tmp_path / "labels" / "test").mkdir(parents=True)
     (tmp_path / "classes.txt").write_text("Platelets\nRBC\nWBC\nblob\n")
     cv2.imwrite(str(tmp_path / "images" / "test" / "s1.png"), np.zeros((100, 200, 3), np.uint8))
     (tmp_path / "labels" / "test" / "s1.txt").write_text("1 0.5 0.5 0.2 0.4\n2 0.25 0.25 0.1 0.1\n3 0.1 0.1 0.1 0.1\n")
-    assert detect_layout(tmp_path) == "yolo"
+    assert detect_box_layout(tmp_path) == "yolo"
     (im,) = read_yolo(tmp_path, "test")
     assert [b.group for b in im.boxes] == ["rbc", "wbc", None]
     assert im.boxes[0].xyxy == pytest.approx((80, 30, 120, 70))
