@@ -7,6 +7,7 @@ YOLO polygons trace each instance's outline and are close but not pixel-exact (s
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm import tqdm
 import bloodcells
 from bloodcells.classes import CLASSES, NAMES
 from bloodcells.errors import BloodcellsError, disk_errors
-from bloodcells.formats import DATASET_FILE, SPLITS, DatasetInfo, read_json, scene_paths, split_ids, write_json
+from bloodcells.formats import DATASET_FILE, SPLITS, DatasetInfo, read_json, scene_paths, split_ids
 from bloodcells.imageio import write_bytes_atomic
 
 FORMATS = ("coco", "yolo-seg")
@@ -123,6 +124,7 @@ def load_scene(root: Path, split: str, sid: str) -> Scene:
 
 
 def iter_scenes(root: Path, scenes: Sequence[tuple[str, str]], desc: str, progress: bool) -> Iterator[Scene]:
+    """Load the scenes one at a time, with a progress bar."""
     for split, sid in tqdm(scenes, desc=desc, unit="scene", disable=not progress):
         yield load_scene(root, split, sid)
 
@@ -209,7 +211,10 @@ def export_coco(root: str | Path, out: str | Path, split: str = "all", progress:
         raise BloodcellsError(f"{out}: is a folder; --out for coco is a JSON file, e.g. {out / 'coco.json'}")
     info, scenes = dataset_scenes(root, split)
     summary = ExportSummary("coco", out)
-    write_json(out, coco_instances(root, info, scenes, summary, progress))
+    coco = coco_instances(root, info, scenes, summary, progress)
+    # compact like the official COCO files: formats.write_json indents, which takes Python's pure encoder
+    # (about 6x slower here) and doubles the size
+    write_bytes_atomic(out, (json.dumps(coco, separators=(",", ":")) + "\n").encode())
     return summary
 
 
@@ -270,17 +275,46 @@ def merge_rings(rings: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(walk(0, 0, True))
 
 
+def _fill_iou(poly: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of a boolean mask with the polygon filled the way Ultralytics rasterises it (`cv2.fillPoly`)."""
+    filled = np.zeros(mask.shape, np.uint8)
+    cv2.fillPoly(filled, [poly.astype(np.int32)], 1)
+    filled = filled.astype(bool)
+    return float((filled & mask).sum() / max(1, (filled | mask).sum()))
+
+
 def instance_polygon(mask: np.ndarray) -> np.ndarray:
     """One polygon (m >= 3, 2) in pixel coordinates (x, y) tracing a binary mask's outline.
 
     The vertices are the centres of the outline pixels (`cv2.findContours`); filled with `cv2.fillPoly` the
-    polygon gives back a one-piece mask without holes exactly. Pieces and holes (a cell lying wholly on top
-    of this one) are kept by `merge_rings`, whose bridges add one-pixel lines when filled."""
-    padded = np.pad(mask.astype(np.uint8), 1)  # outline pixels on the box edge must be traced too
-    contours, _ = cv2.findContours(padded, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    # largest first: it is the root the other rings hang from
-    rings = sorted((c[:, 0, :] - 1 for c in contours), key=len, reverse=True)
-    poly = _drop_collinear(merge_rings(rings))
+    polygon gives back a one-piece mask exactly. Holes (a cell lying wholly on top of this one) and further
+    pieces (a cell on top cutting this one in two) are joined by `merge_rings`: bridges to holes run over the
+    cell's own pixels, bridges between pieces fill as one-pixel lines. A piece is left out when joining it
+    would fill further from the mask (IoU), as a small piece far from the rest does."""
+    mask = mask.astype(bool)
+    u8 = mask.astype(np.uint8)
+    contours, _ = cv2.findContours(u8, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if len(contours) == 1:
+        poly = contours[0][:, 0, :]
+    else:  # every outline pixel, so that bridges join the truly closest points; straight runs dropped after
+        contours, hierarchy = cv2.findContours(u8, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        rings = [c[:, 0, :] for c in contours]
+        parent = hierarchy[0][:, 3]
+        # a piece = an outer ring and its holes; largest first, the root the others hang from
+        pieces = sorted(([int(i), *map(int, np.flatnonzero(parent == i))] for i in np.flatnonzero(parent < 0)),
+                        key=lambda p: -cv2.contourArea(contours[p[0]]))
+
+        def join(chosen: list[list[int]]) -> np.ndarray:
+            return _drop_collinear(merge_rings([rings[i] for p in chosen for i in p]))
+
+        chosen = pieces[:1]
+        poly = join(chosen)
+        score = _fill_iou(poly, mask)
+        for piece in pieces[1:]:
+            cand = join(chosen + [piece])
+            s = _fill_iou(cand, mask)
+            if s > score:
+                chosen, poly, score = chosen + [piece], cand, s
     if len(poly) < 3:  # one or two pixels: repeat a vertex so every line is a valid polygon
         poly = np.concatenate([poly, np.repeat(poly[-1:], 3 - len(poly), axis=0)])
     return poly
@@ -294,8 +328,8 @@ def yolo_label_text(sc: Scene) -> str:
     for k, (o, (sy, sx)) in enumerate(zip(sc.objects, sc.slices), 1):
         poly = instance_polygon(sc.instances[sy, sx] == k) + (sx.start, sy.start)
         xy = (poly + 0.5) / scale  # pixel centres: (x + 0.5) / width, robust to truncation when scaled back
-        lines.append(" ".join([str(NAMES.index(o["class"]) - 1), *(f"{v:.6g}" for v in xy.ravel())]))
-    return "".join(line + "\n" for line in lines)
+        lines.append(("%d" + " %.6g" * xy.size + "\n") % (NAMES.index(o["class"]) - 1, *xy.ravel().tolist()))
+    return "".join(lines)
 
 
 def link_or_copy(src: Path, dst: Path) -> bool:

@@ -25,6 +25,9 @@ from bloodcells.errors import BloodcellsError
 from bloodcells.formats import SPLITS, scene_paths, split_ids, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
 
+# pycocotools' decode trips a numpy 2 deprecation inside the library itself
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 120, 160  # not square, so that a swapped x/y shows
 
@@ -228,7 +231,7 @@ def _fill(line: str, hw: tuple[int, int]) -> tuple[int, np.ndarray]:
 def test_yolo_polygons_fill_back_to_the_instance_maps(hand_set, tmp_path):
     out = tmp_path / "yolo"
     s = export_yolo(hand_set, out, progress=False)
-    checked = exact = 0
+    checked = exact = holes = 0
     for split, sid, inst, objects in _scenes(hand_set):
         img = out / "images" / split / f"{sid}.png"
         assert os.stat(img).st_ino == os.stat(scene_paths(hand_set, split, sid).image).st_ino  # a hard link
@@ -238,14 +241,14 @@ def test_yolo_polygons_fill_back_to_the_instance_maps(hand_set, tmp_path):
             cls, filled = _fill(line, inst.shape)
             assert cls == NAMES.index(o["class"]) - 1
             m = inst == k
-            assert not (m & ~filled).any(), (split, sid, k)  # every instance pixel is inside its polygon
             if m.sum() >= 30:
                 assert (m & filled).sum() / (m | filled).sum() >= 0.9, (split, sid, k)
                 checked += 1
-            if ndimage.label(m, np.ones((3, 3)))[1] == 1 and not (ndimage.binary_fill_holes(m) & ~m).any():
-                assert np.array_equal(filled, m), (split, sid, k)  # one piece, no hole: exact
+            if ndimage.label(m, np.ones((3, 3)))[1] == 1:
+                assert np.array_equal(filled, m), (split, sid, k)  # one piece, holes or not: exact
                 exact += 1
-    assert checked > 50 and exact > 40
+                holes += (ndimage.binary_fill_holes(m) & ~m).any()
+    assert checked > 50 and exact > 40 and holes >= 1
     assert s.instances == sum(len(o) for *_, o in _scenes(hand_set))
     d = yaml.safe_load((out / "data.yaml").read_text())
     assert d == {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "test": "images/test",
@@ -265,23 +268,25 @@ def test_yolo_keeps_both_pieces_and_the_hole(hand_set, tmp_path):
     bridge = split_cell & (inst != k["hand-0"])
     assert 0 < bridge.sum() <= 12  # one line across the bar on top, no more
     _, holed = _fill(lines[k["hand-4"] - 1], inst.shape)
-    assert not (holed & (inst == k["hand-5"])).any()  # the thrombocyte on top stays out
+    assert np.array_equal(holed, inst == k["hand-4"])  # the thrombocyte on top stays out, the bridge adds nothing
     _, dot = _fill(lines[k["hand-10"] - 1], inst.shape)
     assert np.array_equal(dot, inst == k["hand-10"])  # a one-pixel cell still gets a valid 3-vertex line
     assert len(lines[k["hand-10"] - 1].split()) == 7
 
 
-def test_instance_polygon_joins_distant_pieces_with_one_pixel_bridges():
+def test_instance_polygon_joins_near_pieces_and_holes_and_drops_far_specks():
     m = np.zeros((40, 60), bool)
-    m[5:15, 5:15] = m[25:35, 40:55] = m[5:10, 45:50] = True
-    m[28:32, 44:48] = False  # a hole
+    m[5:15, 5:15] = m[5:15, 18:28] = True  # two squares 3 px apart
+    m[8:11, 8:11] = False  # a hole
+    m[35:37, 55:57] = True  # a 4-pixel speck far away: a bridge would cost more than it brings
     poly = instance_polygon(m)
     filled = np.zeros(m.shape, np.uint8)
     cv2.fillPoly(filled, [poly.astype(np.int32)], 1)
     filled = filled.astype(bool)
-    assert not (m & ~filled).any() and not filled[29:31, 45:47].any()
+    assert filled[5:15, 5:15].sum() == 100 - 9 and filled[5:15, 18:28].all()
+    assert not filled[8:11, 8:11].any() and not filled[35:37, 55:57].any()
     extra = filled & ~m
-    assert 0 < extra.sum() <= 40 and ndimage.label(extra, np.ones((3, 3)))[1] <= 3  # a thin line per bridge
+    assert extra.sum() == 3 and extra[:, 15:18].sum() == 3  # the one bridge between the squares
 
 
 def test_yolo_copies_when_hard_links_fail(hand_set, tmp_path, monkeypatch):
@@ -337,15 +342,20 @@ def test_errors_name_the_file_and_the_fix(hand_set, tmp_path):
         export(eight, "coco", tmp_path / "e.json")
 
 
-def test_instance_numbers_beyond_the_objects_are_refused(hand_set, tmp_path):
+def test_instance_maps_that_disagree_with_the_annotation_are_refused(hand_set, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(hand_set, bad)
     p = scene_paths(bad, "val", "000000")
     ann = json.loads(p.annotation.read_text())
-    ann["objects"] = ann["objects"][:-1]
-    write_json(p.annotation, ann)
+    write_json(p.annotation, {**ann, "objects": ann["objects"][:-1]})
     with pytest.raises(BloodcellsError, match=r"val/instances/000000.png: instance \d+ but the annotation lists"):
         export(bad, "coco", tmp_path / "b.json")
+    write_json(p.annotation, ann)
+    inst = cv2.imread(str(p.instances), cv2.IMREAD_UNCHANGED)
+    inst[inst == 2] = 0
+    cv2.imwrite(str(p.instances), inst)
+    with pytest.raises(BloodcellsError, match=r"val/instances/000000.png: object 2 of the annotation has no pixels"):
+        export(bad, "yolo-seg", tmp_path / "y")
 
 
 # ---- command line -------------------------------------------------------------------------------------
