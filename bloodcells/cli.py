@@ -125,6 +125,24 @@ def show_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("export")
+def export_cmd(
+    data: Path = typer.Argument(..., help="a composed dataset folder (with dataset.json and instance maps)"),
+    fmt: str = typer.Option(..., "--format", help="coco (one instances JSON) | yolo-seg (an Ultralytics folder)"),
+    out: Path = typer.Option(..., "--out", help="coco: the JSON file; yolo-seg: the folder (created if missing)"),
+    split: str = typer.Option("all", "--split", help="train | val | test | all"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Export every cell instance as COCO instances (exact RLE masks) or YOLO segmentation polygons."""
+    from bloodcells.composer.export import export
+
+    s = export(data, fmt, out, split=split, progress=progress)
+    scenes = ", ".join(f"{k} {v}" for k, v in s.scenes.items())
+    typer.echo(f"wrote {out}: {fmt}, {sum(s.scenes.values())} scenes ({scenes}), {s.instances} instances")
+    if fmt == "yolo-seg":
+        typer.echo(f"train on it with: yolo segment train data={out / 'data.yaml'}")
+
+
 @app.command("train")
 def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="composed dataset folder (with dataset.json)"),
