@@ -166,7 +166,9 @@ def train_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips and quarter turns (default on)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric: random flips and quarter turns (default geometric)"),
+    instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
+    instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -180,6 +182,7 @@ def train_cmd(
              "model_options": parse_model_options(option) if option else None, "seed": seed,
              "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
              "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,
+             "instance": instance, "instance_weight": instance_weight,
              "cache": cache, "progress": progress}
     if resume is not None:
         config = resume_config(resume, out=out, **given)

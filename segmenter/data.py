@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.formats import SPLITS, DatasetInfo, split_ids
+from bloodcells.formats import SPLITS, DatasetInfo, scene_paths, split_ids
 from bloodcells.imageio import read_gray, read_rgb
+from bloodcells.segmenter.instances import instance_target
 
 MAX_CACHE_GB = 4.0  # a 10k-image 224x224 split takes 2 GB as uint8 images + labels
 
@@ -31,20 +33,37 @@ def default_cache_limit_gb() -> float:
     return min(MAX_CACHE_GB, ram / 4 / local_world)
 
 
-def read_sample(root: Path, split: str, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """One (RGB uint8 (H, W, 3), class-index uint8 (H, W)) pair, checked."""
-    img_path = root / split / "images" / f"{sample_id}.png"
-    lbl_path = root / split / "labels" / f"{sample_id}.png"
-    image = read_rgb(img_path)
-    label = read_gray(lbl_path)
+def read_sample(root: Path, split: str, sample_id: str, instances: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One (RGB uint8 (H, W, 3), class-index uint8 (H, W), instance ids uint16 (H, W) or None) triple, checked."""
+    paths = scene_paths(root, split, sample_id)
+    image = read_rgb(paths.image)
+    label = read_gray(paths.label)
     if label.shape != image.shape[:2]:
-        raise BloodcellsError(f"{lbl_path}: label is {label.shape[1]}x{label.shape[0]} but its image is "
+        raise BloodcellsError(f"{paths.label}: label is {label.shape[1]}x{label.shape[0]} but its image is "
                               f"{image.shape[1]}x{image.shape[0]}; re-compose the dataset")
     top = int(label.max())
     if top >= NUM_CLASSES:
-        raise BloodcellsError(f"{lbl_path}: holds class index {top}, beyond 0..{NUM_CLASSES - 1}; "
+        raise BloodcellsError(f"{paths.label}: holds class index {top}, beyond 0..{NUM_CLASSES - 1}; "
                               "labels must be class-index PNGs, not colour maps")
-    return image, label
+    inst = None
+    if instances:
+        inst = read_instances(paths.instances)
+        if inst.shape != label.shape:
+            raise BloodcellsError(f"{paths.instances}: is {inst.shape[1]}x{inst.shape[0]} but its label map is "
+                                  f"{label.shape[1]}x{label.shape[0]}; re-compose the dataset")
+    return image, label, inst
+
+
+def read_instances(path: Path) -> np.ndarray:
+    """A 16-bit instance map (0 = no cell, k = the k-th object of the scene's annotation)."""
+    if not path.is_file():
+        raise BloodcellsError(f"{path}: missing; the dataset has no instance maps (composed by an older version): "
+                              "re-compose it, or train with --instance none")
+    arr = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16 or arr.ndim != 2:
+        raise BloodcellsError(f"{path}: not a 16-bit instance map PNG; re-compose the dataset")
+    return arr
 
 
 def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -70,46 +89,81 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class SegmentationDataset(Dataset):
-    """One split as (normalised float image (3, H, W), long label (H, W)) pairs, optionally cached and augmented."""
+def dihedral(arr: np.ndarray, code: int) -> np.ndarray:
+    """flip_rotate's transform on a numpy array (H, W[, C]): bit 0 = horizontal flip, bits 1-2 = quarter turns."""
+    if code & 1:
+        arr = arr[:, ::-1]
+    turns = code >> 1
+    if turns:
+        arr = np.rot90(arr, turns, axes=(0, 1))
+    return np.ascontiguousarray(arr)
 
-    # Caching decodes the whole split once into one uint8 array (cache=None: when it fits
-    # cache_limit_gb, by default default_cache_limit_gb()), which forked DataLoader workers share copy-on-write. Augmentation
-    # draws a flip / quarter turn from a torch.Generator seeded by (seed, epoch, index), so
-    # an epoch's batches do not depend on workers or resumes; call set_epoch before each
-    # epoch (DataLoader workers must not be persistent, so they see it).
+
+AUGMENT_LEVELS = ("none", "geometric")
+
+
+def augment_level(value: bool | str) -> str:
+    """--augment: none | geometric (flips and quarter turns); True / False as geometric / none."""
+    if value is True:
+        return "geometric"
+    if value is False or value is None:
+        return "none"
+    if value not in AUGMENT_LEVELS:
+        raise BloodcellsError(f"--augment {value!r}: choose one of {', '.join(AUGMENT_LEVELS)}")
+    return value
+
+
+class SegmentationDataset(Dataset):
+    """One split as (normalised float image (3, H, W), long label (H, W)[, instance target (H, W)]) samples,
+    optionally cached and augmented."""
+
+    # Caching decodes the whole split once into uint8 / uint16 arrays (cache=None: when it fits
+    # cache_limit_gb, by default default_cache_limit_gb()), which forked DataLoader workers share copy-on-write.
+    # Augmentation draws a flip / quarter turn from a generator seeded by (seed, epoch, index), so an epoch's
+    # batches do not depend on workers or resumes; call set_epoch before each epoch (DataLoader workers must not
+    # be persistent, so they see it). With `instance` set, a third tensor is the instance output's target,
+    # computed from the (augmented) instance map.
 
     def __init__(self, root: str | Path, split: str, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, augment: bool = False, seed: int = 0,
-                 cache: bool | None = None, cache_limit_gb: float | None = None) -> None:
+                 std: Sequence[float] | None = None, augment: bool | str = False, seed: int = 0,
+                 cache: bool | None = None, cache_limit_gb: float | None = None, instance: str | None = None) -> None:
         self.root = Path(root)
         self.info = DatasetInfo.read(self.root)
         self.split = split
         self.ids = split_ids(self.root, split)
         self.mean = tuple(mean) if mean is not None else self.info.mean
         self.std = tuple(std) if std is not None else self.info.std
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed, self.epoch = augment_level(augment), seed, 0
+        self.instance = instance
+        if instance is not None and not self.info.has_instances:
+            raise BloodcellsError(f"{self.info.path}: the scenes have no instance maps (composed by an older version); "
+                                  "re-compose the dataset, or train with --instance none")
         self.images: np.ndarray | None = None
         self.labels: np.ndarray | None = None
+        self.instances: np.ndarray | None = None
         if cache is None:
-            image, _ = read_sample(self.root, split, self.ids[0])
+            image, _, _ = read_sample(self.root, split, self.ids[0])
             limit = default_cache_limit_gb() if cache_limit_gb is None else cache_limit_gb
-            cache = len(self.ids) * image.shape[0] * image.shape[1] * 4 <= limit * 1e9
+            per_pixel = 4 + (2 if instance else 0)
+            cache = len(self.ids) * image.shape[0] * image.shape[1] * per_pixel <= limit * 1e9
         if cache:
             self._load_all()
 
     def _load_all(self) -> None:
         # cv2 decoding releases the GIL, so threads decode in parallel
         with ThreadPoolExecutor(max_workers=4) as pool:
-            pairs = list(pool.map(lambda i: read_sample(self.root, self.split, i), self.ids))
-        shape = pairs[0][0].shape
-        for sample_id, (image, _) in zip(self.ids, pairs):
+            samples = list(pool.map(lambda i: read_sample(self.root, self.split, i, self.instance is not None),
+                                    self.ids))
+        shape = samples[0][0].shape
+        for sample_id, (image, _, _) in zip(self.ids, samples):
             if image.shape != shape:
                 raise BloodcellsError(f"{self.root / self.split / 'images' / sample_id}.png: is "
                                       f"{image.shape[1]}x{image.shape[0]}, others {shape[1]}x{shape[0]}; "
                                       "all images of a split must have one size")
-        self.images = np.stack([p[0] for p in pairs])
-        self.labels = np.stack([p[1] for p in pairs])
+        self.images = np.stack([p[0] for p in samples])
+        self.labels = np.stack([p[1] for p in samples])
+        if self.instance is not None:
+            self.instances = np.stack([p[2] for p in samples])
 
     @property
     def cached(self) -> bool:
@@ -123,19 +177,25 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The stored uint8 image and label of one sample, without normalisation or augmentation."""
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The stored uint8 image, label (and uint16 instance map) of one sample, without normalisation or
+        augmentation."""
         if self.images is not None and self.labels is not None:
-            return self.images[index], self.labels[index]
-        return read_sample(self.root, self.split, self.ids[index])
+            inst = self.instances[index] if self.instances is not None else None
+            return self.images[index], self.labels[index], inst
+        return read_sample(self.root, self.split, self.ids[index], self.instance is not None)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.raw(index)
-        x, y = to_tensor(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(label)).long()
-        if self.augment:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image, label, inst = self.raw(index)
+        if self.augment != "none":
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            x, y = flip_rotate(x, y, int(torch.randint(8, (), generator=g)))
-        return x, y
+            code = int(torch.randint(8, (), generator=g))
+            image, label = dihedral(image, code), dihedral(label, code)
+            inst = dihedral(inst, code) if inst is not None else None
+        x, y = to_tensor(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(label)).long()
+        if self.instance is None:
+            return x, y
+        return x, y, torch.from_numpy(instance_target(inst.astype(np.int32), self.instance))
 
 
 class EpochSampler(Sampler[int]):

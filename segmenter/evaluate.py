@@ -22,23 +22,29 @@ from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_fr
 from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
 
-def run_model(model: nn.Module, loader: DataLoader, runtime: Runtime,
-              criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-              num_classes: int = NUM_CLASSES) -> tuple[ConfusionMatrix, float]:
-    """Predict every batch in eval mode; the confusion matrix and sample-weighted mean loss over all DDP ranks."""
+def run_model(model: nn.Module, loader: DataLoader, runtime: Runtime, criterion: Callable[..., torch.Tensor] | None = None,
+              num_classes: int = NUM_CLASSES, on_batch: Callable[[torch.Tensor, tuple], None] | None = None
+              ) -> tuple[ConfusionMatrix, float]:
+    """Predict every batch in eval mode; the confusion matrix and sample-weighted mean loss over all DDP ranks.
+
+    Batches are (x, y) or (x, y, instance target); `criterion(output, y[, target])`; `on_batch(output, batch)`
+    sees every output (e.g. to decode instances)."""
     model.eval()
     cm = ConfusionMatrix(num_classes)
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, samples
     with torch.inference_mode():
-        for x, y in loader:
-            x, y = runtime.batch(x), y.to(runtime.device, non_blocking=True)
+        for batch in loader:
+            x, y = runtime.batch(batch[0]), batch[1].to(runtime.device, non_blocking=True)
+            rest = [t.to(runtime.device, non_blocking=True) for t in batch[2:]]
             with runtime.autocast():
-                logits = model(x)
-            logits = logits.float()
-            cm.update(logits.argmax(dim=1), y)
+                out = model(x)
+            out = out.float()
+            cm.update(out[:, :num_classes].argmax(dim=1), y)
             if criterion is not None:
-                totals[0] += float(criterion(logits, y)) * len(y)
+                totals[0] += float(criterion(out, y, *rest)) * len(y)
                 totals[1] += len(y)
+            if on_batch is not None:
+                on_batch(out, batch)
     cm.reduce(runtime.device)
     all_reduce(totals)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")

@@ -22,8 +22,10 @@ import torch
 from skimage.filters import threshold_multiotsu
 from torch import nn
 
-from bloodcells.classes import BY_NAME, PLASMA_RGB
+from bloodcells.classes import BY_NAME, NAMES, NUM_CLASSES, PLASMA_RGB
 from bloodcells.errors import BloodcellsError
+from bloodcells.segmenter.count import MIN_FRACTION, count_cells, table_areas
+from bloodcells.segmenter.instances import Cells, components, decode, measure, upsample
 from bloodcells.segmenter.runtime import Runtime, resolve_precision
 
 RBC_DIAMETER_40X = BY_NAME["healthy_rbc"].diameter_40x  # 37 px: the size the models were trained at
@@ -65,21 +67,42 @@ def _runtime(model: nn.Module, precision: str, device: str | torch.device | None
     return Runtime(dev, resolve_precision(precision, dev), channels_last=channels_last)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Softmax class probabilities (N, C, h, w) in float32 for one batch of normalised tiles."""
+def _outputs(model: nn.Module, x: torch.Tensor, rt: Runtime, num_classes: int) -> torch.Tensor:
+    """Softmax class probabilities, then the sigmoid of any instance channels: (N, C [+ k], h, w) float32."""
     with torch.inference_mode(), rt.autocast():
         out = model(rt.batch(x))
     if isinstance(out, (list, tuple)):  # deep supervision heads: average them, as in eval mode
         out = torch.stack([o.float() for o in out]).mean(dim=0)
-    return torch.softmax(out.float(), dim=1)
+    out = out.float()
+    probs = torch.softmax(out[:, :num_classes], dim=1)
+    if out.shape[1] == num_classes:
+        return probs
+    return torch.cat([probs, torch.sigmoid(out[:, num_classes:])], dim=1)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, num_classes: int, tta: bool = False) -> torch.Tensor:
+    """Model outputs as probabilities for one batch; with tta, averaged over the 8 flips and quarter turns (each
+    turned back), which every output here is indifferent to."""
+    if not tta:
+        return _outputs(model, x, rt, num_classes)
+    acc = None
+    for code in range(8):
+        t = x.flip(-1) if code & 1 else x
+        t = t.rot90(code >> 1, (-2, -1))
+        y = _outputs(model, t, rt, num_classes).rot90(-(code >> 1), (-2, -1))
+        y = y.flip(-1) if code & 1 else y
+        acc = y if acc is None else acc + y
+    return acc / 8.0
 
 
 def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, tile: int = 224,
                    overlap: float = 0.25, batch: int = 8, precision: str = "auto",
-                   device: str | torch.device | None = None, channels_last: bool = True) -> np.ndarray:
-    """Class probabilities (C, H, W) float32 of a uint8 RGB image of any size, blended over overlapping tiles.
+                   device: str | torch.device | None = None, channels_last: bool = True, tta: bool = False) -> np.ndarray:
+    """Class probabilities (C, H, W) float32 of a uint8 RGB image of any size, blended over overlapping tiles; for
+    models with an instance output its map in [0, 1] follows as channel C (and on).
 
     With channels_last (the default; with bf16 the fastest CPU setting) the model is converted in place.
+    tta: average each tile over its 8 flips and quarter turns (8x the compute).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
@@ -90,6 +113,7 @@ def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray,
     model.eval()
     rt = _runtime(model, precision, device, channels_last)
     model = rt.model(model) if channels_last else model
+    num_classes = int(meta.get("config", {}).get("num_classes", NUM_CLASSES))
     h, w = image.shape[:2]
     padded = _pad_to(image, tile)
     ph, pw = padded.shape[:2]
@@ -104,7 +128,7 @@ def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray,
         part = boxes[i:i + batch]
         x = torch.stack([src[y:y + tile, x0:x0 + tile] for y, x0 in part]).permute(0, 3, 1, 2).float()
         x = (x / 255.0 - mean) / std
-        probs = _forward(model, x, rt).cpu()
+        probs = _forward(model, x, rt, num_classes, tta).cpu()
         if acc is None:
             acc = torch.zeros(probs.shape[1], ph, pw, dtype=torch.float32)
         for (y, x0), p in zip(part, probs):
@@ -141,12 +165,15 @@ def labels_at(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    """One image's prediction: labels at the input's size, labels at model scale (for counting), the factor used."""
+    """One image's prediction: labels and cells at the input's size, labels at model scale, the factor used."""
 
-    labels: np.ndarray  # uint8 (H, W) at the input's own size
+    labels: np.ndarray  # uint8 (H, W) at the input's own size; each cell's pixels take its class
     model_labels: np.ndarray  # uint8 at model scale (input resized by `scale`): cell areas there match 40x
     scale: float
     rbc_diameter: float | None = None  # the estimate behind scale='auto'
+    cells: Cells | None = None  # one object per cell, at the input's size (instances, class, area, box, ...)
+    counts: dict[str, int] | None = None  # cells per class name
+    method: str = ""  # how cells were separated: the instance output's name, or 'area' (class regions, area rule)
 
 
 def parse_scale(value: str | float) -> float | None:
@@ -178,20 +205,41 @@ def balance_background(image: np.ndarray) -> np.ndarray:
 
 def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,
             tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
-            device: str | torch.device | None = None, balance: bool = False) -> Prediction:
-    """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels come back at the input's size.
+            device: str | torch.device | None = None, balance: bool = False, tta: bool = False,
+            cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION) -> Prediction:
+    """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels and cells come back at the input's size.
 
-    balance: white-balance the background to the training scenes' plasma colour first."""
+    balance: white-balance the background to the training scenes' plasma colour first. tta: average over flips and
+    quarter turns. Cells: with an instance output, decoded from it (segmenter/instances.py); without one, each
+    connected region of a class is one object and counts split regions by the expected cell area (`cell_area`,
+    px at 40x; the class table's discs by default). Objects below `min_fraction` of their class's expected area are
+    specks and dropped."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
         factor, diameter = auto_scale(image)
     small = resize_image(balance_background(image) if balance else image, factor)
-    probs = predict_logits(model, meta, small, tile=tile, overlap=overlap, batch=batch, precision=precision,
-                           device=device)
+    out = predict_logits(model, meta, small, tile=tile, overlap=overlap, batch=batch, precision=precision,
+                         device=device, tta=tta)
+    num_classes = int(meta.get("config", {}).get("num_classes", NUM_CLASSES))
+    probs, aux = out[:num_classes], out[num_classes:]
+    areas = table_areas()
+    areas.update({int(k): float(v) for k, v in (cell_area or {}).items()})
+    min_area = {c: min_fraction * a for c, a in areas.items()}
     model_labels = probs.argmax(axis=0).astype(np.uint8)
+    mode = meta.get("config", {}).get("instance")
+    if mode and len(aux):
+        cells = decode(probs, aux[0], mode, min_area)
+    else:
+        cells, mode = components(model_labels, min_area, probs), "area"
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])
-    return Prediction(labels, model_labels, factor, diameter)
+    inst = upsample(cells, labels)
+    final = measure(inst, cells.classes, cells.confidence)
+    labels = np.zeros(labels.shape, np.uint8)
+    labels[final.instances > 0] = final.classes[final.instances[final.instances > 0] - 1]
+    counts = count_cells(model_labels, areas, min_fraction) if mode == "area" else \
+        {NAMES[c]: n for c, n in cells.counts().items()}
+    return Prediction(labels, model_labels, factor, diameter, final, {"background": 0, **counts}, mode)
 
 
 def predict_labels(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,

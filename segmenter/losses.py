@@ -102,3 +102,33 @@ class CombinedLoss(SegmentationLoss):
         if self.dice_weight:
             total = total + self.dice_weight * self.dice.loss(logits, target)
         return total
+
+
+def split_output(out: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class logits, instance output or None) of one output map (N, num_classes [+ k], H, W)."""
+    return out[:, :num_classes], (out[:, num_classes:] if out.shape[1] > num_classes else None)
+
+
+class SegmentationObjective(nn.Module):
+    """What training minimises: the class loss on the class logits, plus instance_weight times the instance loss
+    on the instance output (models with one); lists of outputs (deep supervision) are averaged."""
+
+    def __init__(self, class_loss: SegmentationLoss, num_classes: int, instance: str | None = None,
+                 instance_weight: float = 1.0) -> None:
+        super().__init__()
+        self.class_loss, self.num_classes = class_loss, num_classes
+        self.instance, self.instance_weight = instance, instance_weight
+
+    def forward(self, out: Logits, target: torch.Tensor, instance_target: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over outputs of class loss (+ weighted instance loss)."""
+        from bloodcells.segmenter.instances import instance_loss
+
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        total = []
+        for o in outs:
+            logits, aux = split_output(o, self.num_classes)
+            loss = self.class_loss.loss(logits, target)
+            if self.instance is not None and aux is not None and instance_target is not None:
+                loss = loss + self.instance_weight * instance_loss(aux, instance_target, self.instance)
+            total.append(loss)
+        return torch.stack(total).mean()

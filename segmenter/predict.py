@@ -144,11 +144,13 @@ class Predictor:
     batch: int = 8
     precision: str = "auto"
     balance: bool = False  # white-balance each image's background to the training plasma colour
+    tta: bool = False  # average over flips and quarter turns
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
-                       batch=self.batch, precision=self.precision, balance=self.balance)
+                       batch=self.batch, precision=self.precision, balance=self.balance, tta=self.tta,
+                       cell_area=self.areas)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,

@@ -30,9 +30,11 @@ from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import training_curves
 from bloodcells.segmenter.count import expected_areas
 from bloodcells.segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
-from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler
+from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, augment_level
+from bloodcells.segmenter.instances import DEFAULT_INSTANCE
+from bloodcells.segmenter.models.blocks import INSTANCE_OUTPUTS
 from bloodcells.segmenter.evaluate import run_model
-from bloodcells.segmenter.losses import CombinedLoss
+from bloodcells.segmenter.losses import CombinedLoss, SegmentationObjective
 from bloodcells.segmenter.metrics import all_reduce
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
@@ -58,7 +60,9 @@ class TrainConfig:
     dice_weight: float = 0.0
     class_weights: bool = True
     weight_power: float = 1.0  # class weights are raised to this power: 1 = median-frequency, 0.5 = milder
-    augment: bool = True
+    augment: str = "geometric"  # none | geometric (flips, quarter turns)
+    instance: str | None = "auto"  # auto (distance when the scenes have instance maps) | distance | boundary | none
+    instance_weight: float = 1.0  # weight of the instance output's loss beside the class loss
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -82,6 +86,9 @@ class TrainConfig:
                 setattr(self, key, str(value))
         self.milestones = tuple(int(m) for m in self.milestones)
         self.model_options = dict(self.model_options)
+        self.augment = augment_level(self.augment)
+        if self.instance in ("none", ""):
+            self.instance = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields."""
@@ -93,7 +100,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of to_dict; unknown keys (from another version) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # runs saved before the instance output existed have none
+        return cls(**{"instance": None, **{k: v for k, v in d.items() if k in names}})
 
     def check(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -104,6 +112,10 @@ class TrainConfig:
                 raise BloodcellsError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if not self.lr > 0 or not self.gamma > 0:
             raise BloodcellsError(f"--lr and the decay gamma must be > 0; got lr={self.lr}, gamma={self.gamma}")
+        if self.instance not in (None, "auto", *INSTANCE_OUTPUTS):
+            raise BloodcellsError(f"--instance {self.instance!r}: choose auto, none or one of {', '.join(INSTANCE_OUTPUTS)}")
+        if self.instance_weight < 0:
+            raise BloodcellsError(f"--instance-weight must be >= 0; got {self.instance_weight}")
         if self.dice_weight < 0:
             raise BloodcellsError(f"--dice-weight must be >= 0; got {self.dice_weight}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -203,14 +215,15 @@ class _Run:
             self.class_weights = (torch.tensor(info.loss_weights() ** cfg.weight_power, dtype=torch.float32)
                                   if cfg.class_weights else None)
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
-                                             augment=cfg.augment, seed=cfg.seed, cache=cfg.cache)
+                                             augment=cfg.augment, seed=cfg.seed, cache=cfg.cache,
+                                             instance=cfg.instance)
         self.val_set = SegmentationDataset(cfg.data, cfg.val_split, self.mean, self.std,  # type: ignore[arg-type]
-                                           cache=cfg.cache)
+                                           cache=cfg.cache, instance=cfg.instance)
         if payload is None:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)
             random.seed(cfg.seed)
-        model = create_model(cfg.arch, NUM_CLASSES, 3, cfg.width, **cfg.model_options)
+        model = create_model(cfg.arch, NUM_CLASSES, 3, cfg.width, instance=cfg.instance, **cfg.model_options)
         if payload is not None:
             model.load_state_dict(payload["state_dict"])
         self.model = runtime.model(model)
@@ -221,7 +234,8 @@ class _Run:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.gamma)
         self.scaler = runtime.grad_scaler()
-        self.criterion = CombinedLoss(1.0, cfg.dice_weight, self.class_weights).to(runtime.device)
+        self.criterion = SegmentationObjective(CombinedLoss(1.0, cfg.dice_weight, self.class_weights), NUM_CLASSES,
+                                               cfg.instance, cfg.instance_weight).to(runtime.device)
         workers = cfg.workers if cfg.workers is not None else (0 if runtime.device.type == "cpu" else 4)
         self.loader_generator = torch.Generator()
         self.sampler = EpochSampler(len(self.train_set), True, cfg.seed, runtime.rank, runtime.world)
@@ -337,12 +351,13 @@ class _Run:
             if self.step_in_epoch >= total:
                 return 0
             tick = time.perf_counter()
-            for x, y in self.loader:
-                x, y = rt.batch(x), y.to(rt.device, non_blocking=True)
+            for batch in self.loader:
+                x, y = rt.batch(batch[0]), batch[1].to(rt.device, non_blocking=True)
+                rest = [t.to(rt.device, non_blocking=True) for t in batch[2:]]  # the instance target, if any
                 self.optimizer.zero_grad(set_to_none=True)
                 with rt.autocast():
                     out = self.net(x)
-                loss = self.criterion(out, y)  # the losses cast the logits to fp32
+                loss = self.criterion(out, y, *rest)  # the losses cast the logits to fp32
                 self.updating = True
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -455,6 +470,8 @@ def train(config: TrainConfig, step_hook: StepHook | None = None) -> dict[str, A
     # step in progress with last.pt saved, from which a resume continues exactly; an
     # interrupt re-raises KeyboardInterrupt once last.pt is written.
     config.check()
+    if config.instance == "auto":
+        config.instance = DEFAULT_INSTANCE if DatasetInfo.read(config.data).has_instances else None  # type: ignore[arg-type]
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

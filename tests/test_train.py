@@ -123,7 +123,7 @@ def test_best_and_last_checkpoints_with_json(overfit, data) -> None:
     assert last["best"]["val_loss"] == s["history"][best_epoch - 1]["val_loss"]
     assert len(last["history"]) == 25 and last["history"] == s["history"]
     assert best["epoch"] == best_epoch and len(best["history"]) == best_epoch
-    assert last["config"] == {"arch": "unet", "num_classes": 10, "in_channels": 3, "width": 8}
+    assert last["config"] == {"arch": "unet", "num_classes": 10, "in_channels": 3, "width": 8, "instance": None}
 
     payload = load_checkpoint(out / "last.pt")
     assert [c["name"] for c in payload["classes"]] == list(NAMES)
@@ -255,7 +255,7 @@ def test_dataset_normalises_caches_and_augments_consistently(data) -> None:
     plain = SegmentationDataset(data, "train", cache=False)
     cached = SegmentationDataset(data, "train", cache=True)
     assert not plain.cached and cached.cached and len(plain) == 32
-    image, label = plain.raw(5)
+    image, label, _ = plain.raw(5)
     x, y = plain[5]
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.long
     expected = (image / 255.0 - np.array(info.mean)) / np.array(info.std)

@@ -31,7 +31,7 @@ def create_model(arch: str, num_classes: int = NUM_CLASSES, in_channels: int = 3
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     extra = sorted(set(kwargs) - accepted)
     if extra:
-        own = sorted(accepted - {"num_classes", "in_channels", "width"})
+        own = sorted(accepted - {"num_classes", "in_channels", "width", "instance"})
         raise BloodcellsError(
             f"architecture {arch!r} does not take {', '.join(extra)}; "
             f"its own options are: {', '.join(own) or 'none'}")

@@ -43,8 +43,9 @@ class AttentionUNet(EncoderDecoder):
 
     arch: ClassVar[str] = "attention_unet"
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__(num_classes, in_channels, width)
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
+                 instance: str | None = None) -> None:
+        super().__init__(num_classes, in_channels, width, instance)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [TwoConv(in_channels, f[0])] + [Down(f[i - 1], f[i]) for i in range(1, 5)])
@@ -52,7 +53,7 @@ class AttentionUNet(EncoderDecoder):
         self.gates = nn.ModuleList(
             [AttentionGate(f[i], f[i + 1], max(f[i] // 2, 1)) for i in reversed(range(4))])
         self.decoder = nn.ModuleList([UpCat(f[i + 1], f[i], f[i]) for i in reversed(range(4))])
-        self.head = nn.Conv2d(f[0], num_classes, kernel_size=1)
+        self.head = nn.Conv2d(f[0], self.out_channels, kernel_size=1)
         init_weights(self)
 
     def fuse(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -98,24 +98,42 @@ def check_sizes(num_classes: int, in_channels: int, width: int) -> None:
             raise BloodcellsError(f"{name} must be a positive integer; got {value!r}")
 
 
-class EncoderDecoder(nn.Module):
-    """A U-shaped net: `encoder` levels, a bottom-up `decoder` fusing skips, a 1x1 `head`.
+# Learned outputs that separate touching cells, beside the class logits (segmenter/instances.py decodes them):
+# name -> number of extra output channels.
+INSTANCE_OUTPUTS = {"distance": 1, "boundary": 1}
 
-    Subclasses build those three parts; `fuse` is where one decoder level meets its skip."""
+
+class SegmentationNet(nn.Module):
+    """What every architecture shares: its arguments (`config`, enough to rebuild it) and its output layout.
+
+    The output has `out_channels` = num_classes class logits, then the channels of the instance output, if any
+    (`instance`: a key of INSTANCE_OUTPUTS, or None for class logits only, as in checkpoints made before it
+    existed). Each architecture's final 1x1 head produces `out_channels`; `split` separates the two parts."""
 
     arch: str = ""
 
-    def __init__(self, num_classes: int, in_channels: int, width: int, **extra) -> None:
+    def __init__(self, num_classes: int, in_channels: int, width: int, instance: str | None = None, **extra) -> None:
         super().__init__()
         check_sizes(num_classes, in_channels, width)
+        if instance is not None and instance not in INSTANCE_OUTPUTS:
+            raise BloodcellsError(f"unknown instance output {instance!r}; choose one of: "
+                                  f"{', '.join(INSTANCE_OUTPUTS)} (or none)")
+        self.num_classes, self.instance = num_classes, instance
+        self.out_channels = num_classes + (INSTANCE_OUTPUTS[instance] if instance else 0)
         self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels,
-                       "width": width, **extra}
+                       "width": width, **extra, "instance": instance}
+
+
+class EncoderDecoder(SegmentationNet):
+    """A U-shaped net: `encoder` levels, a bottom-up `decoder` fusing skips, a 1x1 `head`.
+
+    Subclasses build those three parts; `fuse` is where one decoder level meets its skip."""
 
     def fuse(self, level: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.decoder[level](x, skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, num_classes, H, W) logits; H, W multiples of 16."""
+        """(N, in_channels, H, W) -> (N, out_channels, H, W) logits; H, W multiples of 16."""
         check_input(x)
         skips = []
         for block in self.encoder:

@@ -53,16 +53,16 @@ class R2UNet(EncoderDecoder):
     arch: ClassVar[str] = "r2unet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
-                 t: int = 2) -> None:
+                 t: int = 2, instance: str | None = None) -> None:
         if not isinstance(t, int) or t < 1:
             raise BloodcellsError(f"r2unet: recurrence steps t must be a positive integer; got {t!r}")
-        super().__init__(num_classes, in_channels, width, t=t)
+        super().__init__(num_classes, in_channels, width, instance, t=t)
         f = widths(width)
         block = partial(RRCNNBlock, t=t)
         self.encoder = nn.ModuleList(
             [block(in_channels, f[0])] + [Down(f[i - 1], f[i], block=block) for i in range(1, 5)])
         self.decoder = nn.ModuleList([UpCat(f[i + 1], f[i], f[i], block=block) for i in reversed(range(4))])
-        self.head = nn.Conv2d(f[0], num_classes, kernel_size=1)
+        self.head = nn.Conv2d(f[0], self.out_channels, kernel_size=1)
         init_weights(self)
         # the 1x1 projections feed a residual sum, not a ReLU: a ReLU gain there would double
         # the signal's power in each of the nine blocks and start training with huge logits

@@ -45,14 +45,15 @@ class ResUNet(EncoderDecoder):
 
     arch: ClassVar[str] = "resunet"
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__(num_classes, in_channels, width)
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
+                 instance: str | None = None) -> None:
+        super().__init__(num_classes, in_channels, width, instance)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [ResidualUnit(in_channels, f[0], preactivate=False)]
             + [ResidualUnit(f[i - 1], f[i], stride=2) for i in range(1, 5)])  # the last one is the bridge
         self.decoder = nn.ModuleList([UpCat(f[i + 1], f[i], f[i], block=ResidualUnit) for i in reversed(range(4))])
         # the units end on a raw sum (pre-activation design), so normalise before the classifier
-        self.head = nn.Sequential(nn.BatchNorm2d(f[0]), nn.ReLU(inplace=True), nn.Conv2d(f[0], num_classes, 1))
+        self.head = nn.Sequential(nn.BatchNorm2d(f[0]), nn.ReLU(inplace=True), nn.Conv2d(f[0], self.out_channels, 1))
         init_weights(self)
 

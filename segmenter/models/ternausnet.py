@@ -10,7 +10,7 @@ from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.segmenter.models.blocks import check_input, check_sizes, init_weights
+from bloodcells.segmenter.models.blocks import SegmentationNet, check_input, init_weights
 
 
 def vgg11_features(in_channels: int = 3, width: int = 32) -> nn.Sequential:
@@ -79,7 +79,7 @@ class DecoderBlock(nn.Sequential):
         )
 
 
-class TernausNet(nn.Module):
+class TernausNet(SegmentationNet):
     """TernausNet-11: VGG11 encoder (five pools), transposed-conv decoder, U-Net skips.
 
     width=32 is the paper's size (encoder 64-128-256-512-512, decoder num_filters=32);
@@ -96,11 +96,8 @@ class TernausNet(nn.Module):
     arch: ClassVar[str] = "ternausnet"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
-                 encoder_weights: str | Path | None = None) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels,
-                       "width": width, "encoder_weights": None}
+                 encoder_weights: str | Path | None = None, instance: str | None = None) -> None:
+        super().__init__(num_classes, in_channels, width, instance, encoder_weights=None)
         w = width
         self.encoder = vgg11_features(in_channels, w)
         self.center = DecoderBlock(16 * w, 16 * w, 8 * w)
@@ -111,7 +108,7 @@ class TernausNet(nn.Module):
             DecoderBlock(2 * w + 4 * w, 4 * w, w),         # with conv2
             ConvReLU(w + 2 * w, w),                        # with conv1, at full resolution
         ])
-        self.head = nn.Conv2d(w, num_classes, kernel_size=1)
+        self.head = nn.Conv2d(w, self.out_channels, kernel_size=1)
         init_weights(self)
         self.encoder_weights = str(encoder_weights) if encoder_weights is not None else None
         if encoder_weights is not None:

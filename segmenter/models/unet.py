@@ -18,13 +18,14 @@ class UNet(EncoderDecoder):
 
     arch: ClassVar[str] = "unet"
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32) -> None:
-        super().__init__(num_classes, in_channels, width)
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
+                 instance: str | None = None) -> None:
+        super().__init__(num_classes, in_channels, width, instance)
         f = widths(width)
         self.encoder = nn.ModuleList(
             [TwoConv(in_channels, f[0])] + [Down(f[i - 1], f[i]) for i in range(1, 5)])
         # decoder runs bottom-up: decoder[0] fuses level 3's skip with the bottleneck
         self.decoder = nn.ModuleList([UpCat(f[i + 1], f[i], f[i]) for i in reversed(range(4))])
-        self.head = nn.Conv2d(f[0], num_classes, kernel_size=1)
+        self.head = nn.Conv2d(f[0], self.out_channels, kernel_size=1)
         init_weights(self)
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from bloodcells.classes import NUM_CLASSES
-from bloodcells.segmenter.models.blocks import Down, TwoConv, UpCat, check_input, check_sizes, init_weights, widths
+from bloodcells.segmenter.models.blocks import Down, SegmentationNet, TwoConv, UpCat, check_input, init_weights, widths
 
 
-class UNetPlusPlus(nn.Module):
+class UNetPlusPlus(SegmentationNet):
     """Grid of nodes X[i][j] (level i, column j): X[i][0] is the encoder and
     X[i][j] = TwoConv(cat(X[i][0..j-1], up(X[i+1][j-1]))) for j >= 1.
 
@@ -22,11 +22,8 @@ class UNetPlusPlus(nn.Module):
     arch: ClassVar[str] = "unetpp"
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3, width: int = 32,
-                 deep_supervision: bool = False) -> None:
-        super().__init__()
-        check_sizes(num_classes, in_channels, width)
-        self.config = {"arch": self.arch, "num_classes": num_classes, "in_channels": in_channels,
-                       "width": width, "deep_supervision": bool(deep_supervision)}
+                 deep_supervision: bool = False, instance: str | None = None) -> None:
+        super().__init__(num_classes, in_channels, width, instance, deep_supervision=bool(deep_supervision))
         self.deep_supervision = bool(deep_supervision)
         f = widths(width)
         self.encoder = nn.ModuleList(
@@ -37,7 +34,7 @@ class UNetPlusPlus(nn.Module):
             for j in range(1, 5) for i in range(5 - j)
         })
         n_heads = 4 if self.deep_supervision else 1
-        self.heads = nn.ModuleList([nn.Conv2d(f[0], num_classes, kernel_size=1) for _ in range(n_heads)])
+        self.heads = nn.ModuleList([nn.Conv2d(f[0], self.out_channels, kernel_size=1) for _ in range(n_heads)])
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

@@ -78,3 +78,24 @@ class ModelTest:
         rebuilt.eval()
         with torch.no_grad():
             assert torch.equal(rebuilt(x), expected)
+
+    def test_instance_output_adds_channels_after_the_classes(self) -> None:
+        """Every architecture gets the instance output from the shared base: extra channels after the class logits,
+        recorded in its config, trainable end to end."""
+        for instance, extra in (("distance", 1), ("boundary", 1)):
+            model = self.make(instance=instance)
+            assert model.config["instance"] == instance and model.out_channels == NUM_CLASSES + extra
+            y = model(torch.randn(2, 3, 32, 32))
+            y = y if isinstance(y, torch.Tensor) else y[-1]
+            assert y.shape == (2, NUM_CLASSES + extra, 32, 32)
+            y[:, NUM_CLASSES:].sum().backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    def test_checkpoints_without_an_instance_output_still_build(self) -> None:
+        """A config saved before the instance output existed (no 'instance' key) rebuilds a class-logits-only model
+        whose weights load."""
+        model = self.make()
+        old = {k: v for k, v in model.config.items() if k != "instance"}
+        rebuilt = create_model(**old)
+        rebuilt.load_state_dict(model.state_dict())
+        assert rebuilt.out_channels == NUM_CLASSES and rebuilt.config["instance"] is None

@@ -1,0 +1,222 @@
+"""One object per cell: the learned output that separates touching cells, its targets, its loss, and decoding.
+
+The composed scenes' instance maps give exact per-cell masks, also where cells touch and overlap. Two
+formulations of the extra output channel (`models.blocks.INSTANCE_OUTPUTS`) are trained from them:
+
+- `distance`: inside each cell, the distance to its own border divided by the cell's largest such distance
+  (1 at its middle, falling to 0 at its border; 0 on background). Decoding: seeds are the connected regions where
+  the predicted value exceeds `seed` within one group of the class map (RBC, WBC or platelet); a marker
+  watershed on the negated map then gives every cell pixel of that group to one seed. Touching cells meet at a
+  valley of the map however they touch, so this separates the round, crowded cells of a smear well.
+- `boundary`: 1 on every cell pixel next to another cell or to the background (the contour, two pixels wide where
+  cells touch, as in DCAN), else 0. Decoding: seeds are the cell pixels off the predicted contour; a watershed on the
+  contour probability fills the rest.
+
+Both decode at the model's scale (40x), where cells have their trained sizes. `components` is the fallback for
+checkpoints without the output: each connected region of one class is one object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from bloodcells.classes import CLASSES, NUM_CLASSES
+
+MODES = ("distance", "boundary")
+DEFAULT_INSTANCE = "distance"  # what `cli train --instance auto` uses on scenes with instance maps (README: why)
+GROUP_OF = np.array([("rbc", "wbc", "platelet").index(c.group) + 1 if c.group != "background" else 0
+                     for c in CLASSES], np.int32)  # class index -> 0 background, 1 rbc, 2 wbc, 3 platelet
+SEED = {"distance": 0.5, "boundary": 0.5}  # decoding thresholds on the predicted map
+
+
+# ---- targets --------------------------------------------------------------------------------------
+
+def borders(inst: np.ndarray) -> np.ndarray:
+    """Cell pixels with a 4-neighbour of another instance or of the background (the image edge is no border)."""
+    b = np.zeros(inst.shape, bool)
+    diff_v = inst[1:] != inst[:-1]
+    diff_h = inst[:, 1:] != inst[:, :-1]
+    b[1:] |= diff_v
+    b[:-1] |= diff_v
+    b[:, 1:] |= diff_h
+    b[:, :-1] |= diff_h
+    return b & (inst > 0)
+
+
+def distance_target(inst: np.ndarray) -> np.ndarray:
+    """Per cell, distance to its own border over its largest such distance; 0 on background. float32 (H, W)."""
+    inside = (inst > 0) & ~borders(inst)
+    d = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 3)
+    n = int(inst.max())
+    if n == 0:
+        return np.zeros(inst.shape, np.float32)
+    top = np.zeros(n + 1, np.float32)
+    top[1:] = ndimage.maximum(d, inst, index=np.arange(1, n + 1))
+    scale = np.where(top > 0, 1.0 / np.maximum(top, 1e-6), 0.0).astype(np.float32)
+    out = d * scale[inst]
+    out[(inst > 0) & (top[inst] == 0)] = 1.0  # a cell too thin to have an inside: all of it is its middle
+    return out
+
+
+def instance_target(inst: np.ndarray, mode: str) -> np.ndarray:
+    """The training target of the instance output for one instance map: float32 (H, W) in [0, 1]."""
+    if mode == "distance":
+        return distance_target(inst)
+    if mode == "boundary":
+        return borders(inst).astype(np.float32)
+    raise ValueError(f"unknown instance output {mode!r}")
+
+
+def instance_loss(aux: torch.Tensor, target: torch.Tensor, mode: str) -> torch.Tensor:
+    """Binary cross-entropy of the instance channel's logits (N, 1, H, W) against targets (N, H, W) in [0, 1]."""
+    logits = aux[:, 0].float()
+    # contours are a small share of the pixels: weigh them up so that the net does not learn to predict none
+    weight = 1.0 + 2.0 * target if mode == "boundary" else None
+    return F.binary_cross_entropy_with_logits(logits, target.float(), weight=weight)
+
+
+def to_probability(aux: np.ndarray | torch.Tensor):
+    """The instance channel's logits -> the predicted map in [0, 1] (sigmoid)."""
+    return torch.sigmoid(aux) if isinstance(aux, torch.Tensor) else 1.0 / (1.0 + np.exp(-aux))
+
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+@dataclass
+class Cells:
+    """Objects found in one image: an instance map (k = the k-th row, 0 = none) and one row of facts per object."""
+
+    instances: np.ndarray  # int32 (H, W)
+    classes: np.ndarray  # (n,) class index of each object (1..9)
+    areas: np.ndarray  # (n,) pixels
+    confidence: np.ndarray  # (n,) mean probability of its class over its pixels
+    boxes: np.ndarray  # (n, 4) x0, y0, x1, y1 (x1, y1 exclusive)
+    centres: np.ndarray  # (n, 2) cx, cy (pixel centroid)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> dict[int, int]:
+        """Objects per class index (1..9)."""
+        return {c: int((self.classes == c).sum()) for c in range(1, NUM_CLASSES)}
+
+
+def _facts(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """(classes, areas, confidence) of objects 1..n: class by the summed probability over the object's pixels
+    (by majority of the class map without probabilities)."""
+    flat = inst.ravel()
+    areas = np.bincount(flat, minlength=n + 1)[1:].astype(np.int64)
+    if probs is not None:
+        mass = np.stack([np.bincount(flat, weights=probs[c].ravel(), minlength=n + 1)[1:]
+                         for c in range(1, probs.shape[0])], axis=1)  # (n, C - 1)
+        classes = mass.argmax(axis=1) + 1
+        confidence = mass[np.arange(n), classes - 1] / np.maximum(areas, 1)
+    else:
+        hist = np.bincount(flat * NUM_CLASSES + labels.ravel(), minlength=(n + 1) * NUM_CLASSES)
+        hist = hist.reshape(n + 1, NUM_CLASSES)[1:, 1:]
+        classes = hist.argmax(axis=1) + 1
+        confidence = np.ones(n)
+    return classes.astype(np.int64), areas, confidence.astype(np.float64)
+
+
+def _finish(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
+            min_area: Mapping[int, float] | None) -> Cells:
+    """Drop objects below their class's speck size, renumber 1..n, and measure them."""
+    n = int(inst.max())
+    classes, areas, conf = _facts(inst, probs, labels, n)
+    if min_area:
+        limit = np.array([min_area.get(int(c), 0.0) for c in classes])
+        small = np.flatnonzero(areas < limit) + 1
+        if len(small):
+            drop = np.zeros(n + 1, bool)
+            drop[small] = True
+            inst = np.where(drop[inst], 0, inst)
+    return measure(inst, classes, conf)
+
+
+def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int, float] | None = None,
+           seed: float | None = None) -> Cells:
+    """Cells from class probabilities (C, H, W) and the predicted instance map (H, W) in [0, 1]."""
+    labels = probs.argmax(axis=0)
+    group = GROUP_OF[labels]
+    t = SEED[mode] if seed is None else seed
+    if mode == "distance":
+        seeds, elevation = aux > t, -aux
+    elif mode == "boundary":
+        seeds, elevation = aux < t, aux
+    else:
+        raise ValueError(f"unknown instance output {mode!r}")
+    inst = np.zeros(labels.shape, np.int32)
+    offset = 0
+    for g in (1, 2, 3):
+        mask = group == g
+        if not mask.any():
+            continue
+        # seeds of one group only, so cells of different groups never share a seed or flood into each other
+        n, markers = cv2.connectedComponents((seeds & mask).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        region = watershed(elevation, markers, mask=mask) if n > 1 else np.zeros(mask.shape, np.int32)
+        # parts of the group no seed reached (small or faint cells) become objects of their own
+        rest = mask & (region == 0)
+        if rest.any():
+            m, extra = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+            region = np.where(rest, extra + (n - 1) * (extra > 0), region)
+            n += m - 1
+        inst = np.where(mask, region + offset * (region > 0), inst)
+        offset += n - 1
+    return _finish(inst.astype(np.int32), probs, labels, min_area)
+
+
+def components(labels: np.ndarray, min_area: Mapping[int, float] | None = None,
+               probs: np.ndarray | None = None) -> Cells:
+    """Cells as the 8-connected regions of each class (models without an instance output)."""
+    inst = np.zeros(labels.shape, np.int32)
+    offset = 0
+    for c in range(1, NUM_CLASSES):
+        mask = labels == c
+        if not mask.any():
+            continue
+        n, cc = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        inst = np.where(mask, cc + offset, inst)
+        offset += n - 1
+    return _finish(inst, probs, labels, min_area)
+
+
+def measure(inst: np.ndarray, classes: np.ndarray, confidence: np.ndarray) -> Cells:
+    """Cells of an instance map whose objects' classes and confidences are known (e.g. after resizing the map):
+    objects that vanished are dropped and the rest renumbered 1..n."""
+    n = len(classes)
+    areas = np.bincount(inst.ravel(), minlength=n + 1)[1:n + 1]
+    keep = areas > 0
+    lut = np.zeros(n + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    inst = lut[inst]
+    m = int(keep.sum())
+    boxes = np.zeros((m, 4), np.int64)
+    for k, sl in enumerate(ndimage.find_objects(inst, max_label=m)):
+        if sl is not None:
+            boxes[k] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    areas = areas[keep]
+    if m:
+        ys, xs = np.indices(inst.shape, dtype=np.float64)
+        flat = inst.ravel()
+        centres = np.stack([np.bincount(flat, weights=xs.ravel(), minlength=m + 1)[1:] / areas,
+                            np.bincount(flat, weights=ys.ravel(), minlength=m + 1)[1:] / areas], axis=1)
+    else:
+        centres = np.zeros((0, 2))
+    return Cells(inst, np.asarray(classes)[keep], areas.astype(np.int64), np.asarray(confidence)[keep], boxes, centres)
+
+
+def upsample(cells: Cells, labels: np.ndarray) -> np.ndarray:
+    """The instance map resized (nearest) to a label map of another size, kept only where that map shows a cell."""
+    h, w = labels.shape
+    inst = cells.instances
+    if inst.shape != (h, w):
+        inst = cv2.resize(inst, (w, h), interpolation=cv2.INTER_NEAREST)
+    return np.where(labels > 0, inst, 0).astype(np.int32)
