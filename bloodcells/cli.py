@@ -28,19 +28,24 @@ def sprites_import(
     alias: List[str] = typer.Option([], "--alias", help="extra class alias NAME=CLASS (CLASS may be 'skip'); repeatable"),
     split: str = typer.Option("80/10/10", "--split", help="train/val/test shares, by source image"),
     name: Optional[str] = typer.Option(None, "--name", help="source name in the index (default KIND:FOLDER)"),
+    licence: Optional[str] = typer.Option(None, "--licence", help="the source's licence (default: read from SOURCE.txt, LICENSE* or README* in the folder or up to two parents; else 'unknown')"),
     workers: int = typer.Option(2, "--workers", min=1),
 ) -> None:
     """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
     from bloodcells.composer.aliases import AliasTable
     from bloodcells.composer.bank import SpriteBank, parse_fractions
+    from bloodcells.composer.licence import find_licence
     from bloodcells.composer.sources import list_items
 
     aliases = AliasTable(AliasTable.parse(alias))
     items = list_items(kind, root, aliases, labels=labels, mask_pattern=mask_pattern, wbc_labels=wbc_labels,
                        include_test=include_test, boxes_csv=boxes_csv)
+    found, found_in = (licence.strip(), "--licence") if licence and licence.strip() else find_licence(root)
     summary = SpriteBank(bank).import_items(items, name or f"{kind}:{root.resolve().name}", workers,
-                                            parse_fractions(split))
+                                            parse_fractions(split), licence=found, licence_from=found_in)
     typer.echo("\n".join(summary.lines()))
+    note = {None: "  (none found; pass --licence TEXT)", "--licence": ""}.get(found_in, f"  (from {found_in})")
+    typer.echo(f"licence: {found}{note}")
     typer.echo(f"bank: {bank}  (see 'cli sprites stats {bank}')")
 
 
