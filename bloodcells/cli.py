@@ -326,6 +326,24 @@ def evaluate_real_cmd(
     typer.echo(f"wrote {result['out']}/metrics.json")
 
 
+@app.command("export-model")
+def export_model_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    onnx: Path = typer.Option(..., "--onnx", help="the ONNX file to write, e.g. unet.onnx"),
+    opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset version"),
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch, height and width; mean, std and classes in its metadata)."""
+    from bloodcells.segmenter.export import export_onnx
+
+    r = export_onnx(model, onnx, opset=opset)
+    md = r["metadata"]
+    typer.echo(f"wrote {r['out']} ({r['bytes'] / 1e6:.1f} MB, {r['arch']}, opset {r['opset']})")
+    typer.echo(f"input '{r['input']}': float32 (N, 3, H, W), RGB / 255 minus mean {md['mean']}, divided by std "
+               f"{md['std']}; H and W multiples of 16")
+    typer.echo(f"output '{r['output']}': (N, C, H, W); channels 0..{int(md['num_classes']) - 1} are the class logits "
+               "(classes and colours are in the file's metadata_props)")
+
+
 @app.command("quickstart")
 def quickstart_cmd(
     out: Path = typer.Option(Path("quickstart"), "--out", help="folder for everything it makes"),
