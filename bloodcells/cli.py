@@ -28,6 +28,7 @@ def sprites_import(
     alias: List[str] = typer.Option([], "--alias", help="extra class alias NAME=CLASS (CLASS may be 'skip'); repeatable"),
     split: str = typer.Option("80/10/10", "--split", help="train/val/test shares, by source image"),
     name: Optional[str] = typer.Option(None, "--name", help="source name in the index (default KIND:FOLDER)"),
+    licence: Optional[str] = typer.Option(None, "--licence", help="the source's licence (default: read from SOURCE.txt, LICENSE* or README* in the folder or up to two parents; else 'unknown')"),
     workers: int = typer.Option(2, "--workers", min=1),
     backgrounds: bool = typer.Option(True, "--backgrounds/--no-backgrounds",
                                      help="also keep each smear's plasma (its cell-free background) as a background field"),
@@ -35,14 +36,19 @@ def sprites_import(
     """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
     from bloodcells.composer.aliases import AliasTable
     from bloodcells.composer.bank import SpriteBank, parse_fractions
+    from bloodcells.composer.licence import find_licence
     from bloodcells.composer.sources import list_items
 
     aliases = AliasTable(AliasTable.parse(alias))
     items = list_items(kind, root, aliases, labels=labels, mask_pattern=mask_pattern, wbc_labels=wbc_labels,
                        include_test=include_test, boxes_csv=boxes_csv)
+    found, found_in = (licence.strip(), "--licence") if licence and licence.strip() else find_licence(root)
     summary = SpriteBank(bank).import_items(items, name or f"{kind}:{root.resolve().name}", workers,
-                                            parse_fractions(split), fields=backgrounds)
+                                            parse_fractions(split), licence=found, licence_from=found_in,
+                                            fields=backgrounds)
     typer.echo("\n".join(summary.lines()))
+    note = {None: "  (none found; pass --licence TEXT)", "--licence": ""}.get(found_in, f"  (from {found_in})")
+    typer.echo(f"licence: {found}{note}")
     typer.echo(f"bank: {bank}  (see 'cli sprites stats {bank}')")
 
 
@@ -342,6 +348,24 @@ def evaluate_real_cmd(
                            progress=progress, balance=balance)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
+
+
+@app.command("export-model")
+def export_model_cmd(
+    model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
+    onnx: Path = typer.Option(..., "--onnx", help="the ONNX file to write, e.g. unet.onnx"),
+    opset: int = typer.Option(18, "--opset", min=18, help="ONNX opset version"),
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch, height and width; mean, std and classes in its metadata)."""
+    from bloodcells.segmenter.export import export_onnx
+
+    r = export_onnx(model, onnx, opset=opset)
+    md = r["metadata"]
+    typer.echo(f"wrote {r['out']} ({r['bytes'] / 1e6:.1f} MB, {r['arch']}, opset {r['opset']})")
+    typer.echo(f"input '{r['input']}': float32 (N, 3, H, W), RGB / 255 minus mean {md['mean']}, divided by std "
+               f"{md['std']}; H and W multiples of 16")
+    typer.echo(f"output '{r['output']}': (N, C, H, W); channels 0..{int(md['num_classes']) - 1} are the class logits "
+               "(classes and colours are in the file's metadata_props)")
 
 
 @app.command("quickstart")

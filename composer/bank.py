@@ -1,6 +1,7 @@
 """The sprite bank on disk: RGBA PNGs per class plus an append-only index.
 
 <bank>/index.jsonl   one line per source image: its key, source, split, sprites, rejections
+<bank>/sources.json  source name -> its licence and the file it was read from
 <bank>/<class>/<id>.png
 A line is written only after all its PNGs exist, and in one write, so an interrupted
 import leaves a consistent bank (a torn last line is dropped on the next open) and a
@@ -25,10 +26,11 @@ from tqdm import tqdm
 
 from bloodcells.classes import NAMES
 from bloodcells.errors import BloodcellsError, disk_errors
-from bloodcells.formats import SPLITS
+from bloodcells.formats import SPLITS, read_json, write_json
 from bloodcells.imageio import read_rgba, write_bytes_atomic
 
 from .cutter import cut_item, sprite_id
+from .licence import UNKNOWN
 from .sources import Item
 from .sprite import Sprite
 
@@ -89,6 +91,7 @@ class SpriteBank:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.index_path = self.root / "index.jsonl"
+        self.sources_path = self.root / "sources.json"
 
     # ---- reading ---------------------------------------------------------------------
     def entries(self) -> list[dict]:
@@ -119,6 +122,14 @@ class SpriteBank:
                              "box": s["box"], "diameter": s["diameter"], "split": e["split"], "mask": s["mask"],
                              "path": f"{s['class']}/{s['id']}.png", "background": s.get("background")})
         return recs
+
+    def sources(self) -> dict[str, dict]:
+        """Source name -> {"licence", "from"} for every source imported ("unknown" where none was recorded)."""
+        recorded = read_json(self.sources_path) if self.sources_path.is_file() else {}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        names = sorted({e["source"] for e in self.entries()} | set(recorded))
+        return {n: {"licence": UNKNOWN, "from": None, **(recorded.get(n) or {})} for n in names}
 
     def bank_id(self) -> str:
         """Content id: a hash of the sorted sprite ids and splits."""
@@ -165,11 +176,15 @@ class SpriteBank:
                     f.truncate(data.rfind(b"\n") + 1)
 
     def import_items(self, items: list[Item], source: str, workers: int = 2,
-                      fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-                     progress: bool = True, fields: bool = True) -> ImportSummary:
-        """Cut every new item into sprites (and, with `fields`, its plasma field); one index line per source image."""
+                     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+                     progress: bool = True, licence: str | None = None,
+                     licence_from: str | None = None, fields: bool = True) -> ImportSummary:
+        """Cut every new item into sprites (and, with `fields`, its plasma field); one index line per source image;
+        record the source's licence."""
         summary = ImportSummary(source, items=len(items))
         with self._locked():
+            if licence is not None:
+                self._record_licence(source, licence, licence_from)
             done = {e["key"] for e in self.entries()}
             todo = [it for it in items if it.key not in done]
             summary.already = len(items) - len(todo)
@@ -190,6 +205,13 @@ class SpriteBank:
             raise BloodcellsError(f"{source}: nothing usable among {len(items)} images ({top}); "
                                   "check the folder layout and class names (README, 'Importing cells')")
         return summary
+
+    def _record_licence(self, source: str, licence: str, licence_from: str | None) -> None:
+        # a re-import may correct a licence, so the latest one given wins
+        recorded = read_json(self.sources_path) if self.sources_path.is_file() else {}
+        recorded = recorded if isinstance(recorded, dict) else {}
+        recorded[source] = {"licence": licence, "from": licence_from}
+        write_json(self.sources_path, dict(sorted(recorded.items())))
 
     def _write(self, index, item: Item, cuts, source: str, fractions, summary: ImportSummary) -> None:
         split = assign_split(item.key, fractions)

@@ -11,6 +11,7 @@ import itertools
 import json
 import multiprocessing as mp
 import platform
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bloodcells.formats import (DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, m
                                 scene_id, scene_paths, write_json)
 from bloodcells.imageio import encode_png, write_bytes_atomic
 
+from .licence import BUILTIN_LICENCE, UNKNOWN
 from .recipe import KINDS, OBJECT_CLASSES
 from .scene import (Canvas, Placed, Prepared, build_clump, draw_size, feather, finish_look, jitter_gains, paste,
                     place_sprite, rbc_canvas, to_colour, transform)
@@ -367,6 +369,7 @@ def sprite_pools(bank: Path | None, recipe: dict) -> tuple[dict[str, dict[str, l
         sprites = builtin_sprites(per_class=int(recipe["builtin_per_class"]), seed=0)
         digest = hashlib.sha1(b"".join(s.rgba.tobytes() for s in sprites)).hexdigest()[:16]
         info = {"bank": "builtin", "id": f"builtin-{digest}", "kind": "built-in default (procedural sprites)"}
+        licences = {"builtin": {"licence": BUILTIN_LICENCE, "from": "pyproject.toml"}}
     else:
         from .bank import SpriteBank
 
@@ -375,9 +378,14 @@ def sprite_pools(bank: Path | None, recipe: dict) -> tuple[dict[str, dict[str, l
             raise BloodcellsError(f"{bank}: no sprite bank here (no index.jsonl); create one with 'cli sprites import'")
         sprites = b.load()
         info = {"bank": str(bank), "id": b.bank_id(), "kind": "sprite bank"}
+        licences = b.sources()
     pools: dict[str, dict[str, list[Sprite]]] = {s: {} for s in SPLITS}
     for s in sprites:
         pools.setdefault(s.split, {}).setdefault(s.cls, []).append(s)
     info["per_split"] = {sp: {c: len(v) for c, v in sorted(d.items(), key=lambda kv: NAMES.index(kv[0]))}
                          for sp, d in pools.items()}
+    # what a model card lists: every source's licence travels with the dataset into the checkpoints
+    per_source = Counter(s.source for s in sprites)
+    info["sources"] = {name: {**licences.get(name, {"licence": UNKNOWN, "from": None}), "sprites": n}
+                       for name, n in sorted(per_source.items())}
     return pools, info

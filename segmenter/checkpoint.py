@@ -1,4 +1,5 @@
-"""Model checkpoints: one .pt (weights, architecture, classes, normalisation, training state) + a JSON beside it."""
+"""Model checkpoints: one .pt (weights, architecture, classes, normalisation, training state), a JSON and a
+model card (segmenter/card.py) beside it."""
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ from bloodcells.classes import CLASSES, NAMES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import write_json
 from bloodcells.imageio import write_bytes_atomic
+from bloodcells.segmenter.card import write_card
 from bloodcells.segmenter.models import create_model
 
 FORMAT = 1
@@ -64,7 +66,7 @@ def sidecar(path: str | Path) -> Path:
 
 def save_checkpoint(path: str | Path, model: nn.Module, mean: Sequence[float], std: Sequence[float],
                     meta: dict[str, Any], training: dict[str, Any] | None = None) -> None:
-    """Write `path` (.pt) and its JSON sidecar atomically; `meta` must be JSON-serialisable."""
+    """Write `path` (.pt), its JSON sidecar and its model card (.md) atomically; `meta` must be JSON-serialisable."""
     bare = unwrap(model)
     if not hasattr(bare, "config"):
         raise TypeError("the model has no .config; build it with bloodcells.segmenter.models.create_model")
@@ -83,6 +85,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, mean: Sequence[float], s
     torch.save(payload, buf)
     write_bytes_atomic(path, buf.getvalue())
     write_json(sidecar(path), {"config": dict(bare.config), **normalization, **meta})
+    write_card(path, payload, bare)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.formats import json_safe, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
+from bloodcells.segmenter.card import SYNTHETIC, record_evaluation
 from bloodcells.segmenter.charts import confusion_heatmap
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.data import SegmentationDataset, ShardSampler
@@ -95,7 +96,8 @@ def default_out(model_path: str | Path, split: str) -> Path:
 def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              batch_size: int = 8, precision: str = "auto", workers: int = 0, device: str = "auto",
              cache: bool | None = False) -> dict[str, Any]:
-    """Score a checkpoint on one split; write metrics.json, confusion.csv and confusion.png into `out`."""
+    """Score a checkpoint on one split; write metrics.json, confusion.csv and confusion.png into `out`, and the
+    scores into the model card beside the checkpoint."""
     runtime = make_runtime(precision, device)
     try:
         model, meta = load_model(model_path, runtime.device)
@@ -115,4 +117,5 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
         write_json(out / "metrics.json", result)
         write_bytes_atomic(out / "confusion.csv", confusion_csv(counts).encode())
         write_png(out / "confusion.png", confusion_heatmap(counts, NAMES))
+        record_evaluation(model_path, SYNTHETIC, result)
     return result

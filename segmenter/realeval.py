@@ -27,6 +27,7 @@ from bloodcells.errors import BloodcellsError
 from bloodcells.formats import (AnnotatedImage, Box, SubtypeTable, detect_box_layout, read_boxes, read_wbc_subtypes,
                                 write_json)
 from bloodcells.imageio import read_rgb
+from bloodcells.segmenter.card import REAL, record_evaluation
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_scale
 from bloodcells.segmenter.predict import load_predictor
@@ -134,7 +135,8 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
                   max_images: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
                   progress: bool = True, balance: bool = False) -> dict[str, Any]:
-    """Predict every annotated smear of a split, match components to boxes per group, write metrics.json."""
+    """Predict every annotated smear of a split, match components to boxes per group, write metrics.json and add
+    the scores to the model card beside the checkpoint."""
     if not 0.0 < iou <= 1.0:
         raise BloodcellsError(f"--iou {iou}: must be above 0 and at most 1, e.g. 0.3")
     factor = parse_scale(scale)
@@ -194,6 +196,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "out": str(out),
     }
     write_json(out / "metrics.json", result)
+    record_evaluation(model_path, REAL, result)
     return result
 
 

@@ -28,6 +28,7 @@ from bloodcells.errors import BloodcellsError
 from bloodcells.formats import DatasetInfo, json_safe
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import training_curves
+from bloodcells.segmenter.card import dataset_facts
 from bloodcells.segmenter.count import expected_areas
 from bloodcells.segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
 from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, augment_level
@@ -202,6 +203,7 @@ class _Run:
                 raise BloodcellsError(f"{last_checkpoint(cfg.resume)}: holds no training state; it cannot be resumed")
             self._check_same_run(TrainConfig.from_dict(payload["training"]["config"]))
         info = DatasetInfo.read(cfg.data)  # type: ignore[arg-type]
+        self.dataset = dataset_facts(info)  # recipe, scenes, sprite sources and licences, for the model card
         # mean visible area per object and class, for counting cells in predicted maps later
         self.cell_area = {NAMES[k]: round(v, 1) for k, v in
                           expected_areas(info.raw).items()}  # type: ignore[arg-type]
@@ -307,6 +309,7 @@ class _Run:
             "data": self.cfg.data, "train_images": len(self.train_set), "val_images": len(self.val_set),
             "class_weights": None if self.class_weights is None else self.class_weights.tolist(),
             "best": self.best, "history": self.history, "stopped": stopped, "cell_area": self.cell_area,
+            "dataset": self.dataset,
         })
 
     def save(self, name: str, stopped: str | None, collective: bool = True) -> Path:
