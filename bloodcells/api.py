@@ -74,6 +74,11 @@ class Result:
     scale: float  # the factor the input was resized by to reach 40x
     rbc_diameter: float | None = None  # the RBC diameter (px) estimated for scale="auto"
     model_labels: np.ndarray | None = field(default=None, repr=False)  # the class map at model scale (40x)
+    instances: np.ndarray | None = field(default=None, repr=False)  # int32 (H, W): k = cells[k - 1], 0 = no cell
+    cells: list[dict] = field(default_factory=list, repr=False)  # one row per cell, the columns of <stem>_cells.csv
+    rbc_total: int = 0  # red cells (healthy + infected)
+    parasitemia_pct: float | None = None  # infected share of the red cells, %
+    method: str = ""  # how touching cells were separated: the model's instance output, or 'area' (older models)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -116,17 +121,16 @@ def _check_image(image: Any) -> np.ndarray:
 
 def predict(model: Model, image: np.ndarray | str | Path, scale: str | float = "auto") -> Result:
     """Class map, cell counts and scale of one RGB image (uint8 array (H, W, 3), or an image file)."""
-    from bloodcells.segmenter.count import count_cells
     from bloodcells.segmenter.infer import parse_scale
+    from bloodcells.segmenter.instances import cell_rows, rbc_summary
 
     if not isinstance(model, Model):
         raise BloodcellsError(f"predict: expected a Model from bloodcells.load_model(PATH), got {type(model).__name__}")
     rgb = _check_image(image)
     pred = model.predictor(rgb, parse_scale(scale))
-    # counts are taken at model scale, where the expected cell areas hold
-    counts = count_cells(pred.model_labels, model.predictor.areas)
-    return Result(labels=pred.labels, counts=counts, scale=pred.scale, rbc_diameter=pred.rbc_diameter,
-                  model_labels=pred.model_labels)
+    return Result(labels=pred.labels, counts=pred.counts, scale=pred.scale, rbc_diameter=pred.rbc_diameter,
+                  model_labels=pred.model_labels, instances=pred.cells.instances, cells=cell_rows(pred.cells),
+                  method=pred.method, **rbc_summary(pred.counts))
 
 
 def compose(recipe: str | Path | Mapping[str, Any], out: str | Path, sprites: str | Path | None = None,

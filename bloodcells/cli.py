@@ -252,6 +252,7 @@ BATCH_OPTION = typer.Option(8, "--batch", min=1, help="tiles per forward pass")
 PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16")
 BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+TTA_OPTION = typer.Option(False, "--tta", help="average each tile over its 8 flips and quarter turns (8x slower, steadier)")
 
 
 @app.command("predict")
@@ -334,6 +335,7 @@ def evaluate_real_cmd(
     batch: int = BATCH_OPTION,
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
+    tta: bool = TTA_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -345,7 +347,7 @@ def evaluate_real_cmd(
     result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
                            iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
                            tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
-                           progress=progress, balance=balance)
+                           progress=progress, balance=balance, tta=tta)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
 

@@ -13,12 +13,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
-from bloodcells.formats import json_safe, write_json
+from bloodcells.formats import json_safe, read_json, scene_paths, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.card import SYNTHETIC, record_evaluation
 from bloodcells.segmenter.charts import confusion_heatmap
 from bloodcells.segmenter.checkpoint import load_model
-from bloodcells.segmenter.data import SegmentationDataset, ShardSampler
+from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
+from bloodcells.segmenter.data import SegmentationDataset, ShardSampler, read_instances
+from bloodcells.segmenter.instance_metrics import InstanceScorer, format_instance_table
+from bloodcells.segmenter.instances import components, decode
 from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
 from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
@@ -84,6 +87,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{100 * r['pixel_share']:5.1f}%")
     lines.append(f"pixel accuracy {f(result['pixel_accuracy'])}   mIoU {f(result['miou'])}   "
                  f"mean Dice {f(result['mean_dice'])}   ({result['images']} images)")
+    if result.get("instances"):
+        lines += ["", f"one object per cell ({result['instances']['method']}):",
+                  format_instance_table(result["instances"])]
     return "\n".join(lines)
 
 
@@ -95,17 +101,25 @@ def default_out(model_path: str | Path, split: str) -> Path:
 
 def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              batch_size: int = 8, precision: str = "auto", workers: int = 0, device: str = "auto",
-             cache: bool | None = False) -> dict[str, Any]:
+             cache: bool | None = False, instances: bool = True) -> dict[str, Any]:
     """Score a checkpoint on one split; write metrics.json, confusion.csv and confusion.png into `out`, and the
-    scores into the model card beside the checkpoint."""
+    scores into the model card beside the checkpoint.
+
+    instances: also score one object per cell against the scenes' instance maps (AP, PQ, count error; see
+    segmenter/instance_metrics.py), decoding cells as prediction does; single-process runs only."""
     runtime = make_runtime(precision, device)
+    scorer: InstanceScorer | None = None
     try:
         model, meta = load_model(model_path, runtime.device)
         model = runtime.model(model)
         dataset = SegmentationDataset(data, split, mean=meta["mean"], std=meta["std"], cache=cache)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), runtime.rank, runtime.world),
                             num_workers=workers, pin_memory=runtime.device.type == "cuda")
-        cm, _ = run_model(model, loader, runtime, num_classes=meta["config"]["num_classes"])
+        num_classes = meta["config"]["num_classes"]
+        on_batch = None
+        if instances and dataset.info.has_instances and runtime.world == 1:
+            scorer, on_batch = _instance_scoring(dataset, meta, data, num_classes)
+        cm, _ = run_model(model, loader, runtime, num_classes=num_classes, on_batch=on_batch)
     finally:
         leave_process_group(runtime)
     counts = cm.matrix()
@@ -113,9 +127,37 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
     result: dict[str, Any] = {"model": str(model_path), "data": str(data), "split": split, "images": len(dataset),
                               "precision": runtime.precision, **metrics_from_confusion(counts),
                               "table": class_table(counts), "confusion": counts.tolist(), "out": str(out)}
+    if scorer is not None:
+        result["instances"] = {"method": meta["config"].get("instance") or "area", **scorer.result()}
     if runtime.is_main:
         write_json(out / "metrics.json", result)
         write_bytes_atomic(out / "confusion.csv", confusion_csv(counts).encode())
         write_png(out / "confusion.png", confusion_heatmap(counts, NAMES))
         record_evaluation(model_path, SYNTHETIC, result)
     return result
+
+
+def _instance_scoring(dataset: SegmentationDataset, meta: dict[str, Any], data: str | Path,
+                      num_classes: int) -> tuple[InstanceScorer, Callable[[torch.Tensor, tuple], None]]:
+    """A scorer and the run_model callback that decodes each scene's cells and scores them against its truth."""
+    areas, _ = resolve_areas(meta, data)
+    min_area = {c: MIN_FRACTION * a for c, a in areas.items()}
+    scorer = InstanceScorer(min_area=min_area)
+    mode = meta["config"].get("instance")
+    position = iter(range(len(dataset)))
+
+    def on_batch(out: torch.Tensor, batch: tuple) -> None:
+        out = out.float().cpu()
+        probs = torch.softmax(out[:, :num_classes], dim=1).numpy()
+        aux = torch.sigmoid(out[:, num_classes:]).numpy()
+        for j in range(len(out)):
+            paths = scene_paths(dataset.root, dataset.split, dataset.ids[next(position)])
+            truth = read_instances(paths.instances).astype(np.int32)
+            classes = np.array([NAMES.index(o["class"]) for o in read_json(paths.annotation)["objects"]], np.int64)
+            if mode and aux.shape[1]:
+                cells = decode(probs[j], aux[j, 0], mode, min_area)
+            else:
+                cells = components(probs[j].argmax(axis=0), min_area, probs[j])
+            scorer.add(truth, classes, cells.instances, cells.classes, cells.confidence)
+
+    return scorer, on_batch

@@ -175,11 +175,13 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
 
 def components(labels: np.ndarray, min_area: Mapping[int, float] | None = None,
                probs: np.ndarray | None = None) -> Cells:
-    """Cells as the 8-connected regions of each class (models without an instance output)."""
+    """Cells as the 8-connected regions of each group of the class map (RBC, WBC, platelet), each of its majority
+    class: what models without an instance output give (touching cells of a group stay one object)."""
+    group = GROUP_OF[labels]
     inst = np.zeros(labels.shape, np.int32)
     offset = 0
-    for c in range(1, NUM_CLASSES):
-        mask = labels == c
+    for g in (1, 2, 3):
+        mask = group == g
         if not mask.any():
             continue
         n, cc = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
@@ -220,3 +222,24 @@ def upsample(cells: Cells, labels: np.ndarray) -> np.ndarray:
     if inst.shape != (h, w):
         inst = cv2.resize(inst, (w, h), interpolation=cv2.INTER_NEAREST)
     return np.where(labels > 0, inst, 0).astype(np.int32)
+
+
+CELL_COLUMNS = ("id", "class", "area_px", "cx", "cy", "x0", "y0", "x1", "y1", "confidence")
+
+
+def cell_rows(cells: Cells) -> list[dict]:
+    """One row per object, as in `<stem>_cells.csv`: id (its number in the instance map), class name, area in
+    pixels, centroid, box (x1, y1 exclusive) and confidence."""
+    from bloodcells.classes import NAMES
+
+    return [{"id": k + 1, "class": NAMES[int(c)], "area_px": int(a), "cx": round(float(x), 1), "cy": round(float(y), 1),
+             "x0": int(b[0]), "y0": int(b[1]), "x1": int(b[2]), "y1": int(b[3]), "confidence": round(float(p), 4)}
+            for k, (c, a, (x, y), b, p) in enumerate(zip(cells.classes, cells.areas, cells.centres, cells.boxes,
+                                                         cells.confidence))]
+
+
+def rbc_summary(counts: Mapping[str, int]) -> dict[str, float | int | None]:
+    """Red cells in all and the share infected (parasitaemia, %; None without red cells)."""
+    infected, healthy = int(counts.get("infected_rbc", 0)), int(counts.get("healthy_rbc", 0))
+    total = infected + healthy
+    return {"rbc_total": total, "parasitemia_pct": round(100.0 * infected / total, 2) if total else None}

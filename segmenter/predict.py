@@ -28,7 +28,7 @@ from bloodcells.errors import BloodcellsError
 from bloodcells.formats import write_json
 from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
-from bloodcells.segmenter.count import count_cells, resolve_areas
+from bloodcells.segmenter.count import MIN_FRACTION, count_cells, resolve_areas
 from bloodcells.segmenter.infer import Prediction, auto_scale, parse_scale, predict
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
 from bloodcells.segmenter.runtime import pick_device
@@ -145,17 +145,18 @@ class Predictor:
     precision: str = "auto"
     balance: bool = False  # white-balance each image's background to the training plasma colour
     tta: bool = False  # average over flips and quarter turns
+    min_fraction: float = MIN_FRACTION  # objects below this share of their class's expected area are specks
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
                        batch=self.batch, precision=self.precision, balance=self.balance, tta=self.tta,
-                       cell_area=self.areas)
+                       cell_area=self.areas, min_fraction=self.min_fraction)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                    precision: str = "auto", device: str = "auto", data: str | Path | None = None,
-                   balance: bool = False) -> Predictor:
+                   balance: bool = False, tta: bool = False, min_fraction: float = MIN_FRACTION) -> Predictor:
     """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
     if tile < 32 or tile % 32:
         raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
@@ -166,7 +167,9 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
         raise BloodcellsError(f"--batch {batch}: must be at least 1")
     model, meta = load_model(model_path, pick_device(device))
     areas, source = resolve_areas(meta, data)
-    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance)
+    if not 0.0 <= min_fraction < 1.0:
+        raise BloodcellsError(f"--min-fraction {min_fraction}: must be at least 0 and below 1, e.g. 0.15")
+    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction)
 
 
 @dataclass

@@ -1,14 +1,15 @@
 """Evaluation on real smears that only have boxes: how well synthetic training transfers to real images.
 
-Each image is predicted (at a fixed or estimated scale) and its label map grouped into RBC (healthy +
-infected), WBC (the five types) and platelet (thrombocyte + clump). Per group, 8-connected components
-smaller than `min_fraction` of one cell's expected area are dropped as specks. Components are matched
-to ground-truth boxes of the same group by the IoU of the component's bounding box with the box:
-greedy, highest IoU first, each side used once, a pair counts when IoU >= `iou` (default 0.3: a
-component's box is looser or tighter than a hand-drawn one, and touching cells of one group merge into
-one component; 0.3 still rejects a component that only grazes a cell). Unmatched components are false
-positives, unmatched boxes false negatives. WBC subtype accuracy: for each matched WBC whose image has
-one subtype in the list, the majority WBC class over the component's pixels against that subtype.
+Each image is predicted (at a fixed or estimated scale) into cells, one object per cell (`cli predict`'s cells:
+decoded from the model's instance output, or for older models the connected regions of each group), objects
+smaller than `min_fraction` of their class's expected area dropped as specks. Cells are grouped into RBC
+(healthy + infected), WBC (the five types) and platelet (thrombocyte + clump) and matched to ground-truth boxes
+of the same group by the IoU of the cell's bounding box with the box: greedy, highest IoU first, each side used
+once, a pair counts when IoU >= `iou` (default 0.3: a cell's box is looser or tighter than a hand-drawn one; 0.3
+still rejects one that only grazes a cell). Unmatched cells are false positives, unmatched boxes false negatives.
+WBC subtype accuracy: for each matched WBC whose image has one subtype in the list, the cell's class against that
+subtype. Also reported: the per-image count error per group (|cells - boxes| / boxes, mean in %), and the share of
+the red-cell pixels predicted infected (on smears without parasites it should be near 0).
 Boxes, box label groups and subtypes are read by bloodcells.formats, the readers the importer uses too.
 """
 from __future__ import annotations
@@ -30,12 +31,14 @@ from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.card import REAL, record_evaluation
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_scale
+from bloodcells.segmenter.instances import GROUP_OF, Cells
 from bloodcells.segmenter.predict import load_predictor
 
 GROUP_NAMES = ("rbc", "wbc", "platelet")  # the groups of formats.LABEL_GROUPS
 # class index -> group index (0 background, then GROUP_NAMES order)
 CLASS_GROUP = np.array([GROUP_NAMES.index(c.group) + 1 if c.group in GROUP_NAMES else 0 for c in CLASSES], np.int32)
 WBC_CLASSES = tuple(index_of(n) for n in GROUPS["wbc"])
+INFECTED, HEALTHY = index_of("infected_rbc"), index_of("healthy_rbc")
 
 
 def subtype_of(image: str | Path, subtypes: SubtypeTable) -> str | None:
@@ -72,48 +75,26 @@ def greedy_match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     return pairs
 
 
-@dataclass
-class Components:
-    """A group's components in one label map: boxes (n, 4) x0 y0 x1 y1, areas, and the class histogram of each."""
-
-    boxes: np.ndarray
-    areas: np.ndarray
-    histograms: np.ndarray  # (n, NUM_CLASSES) pixel count of each class in the component
-
-
-def group_components(labels: np.ndarray, min_area: Mapping[str, float]) -> dict[str, Components]:
-    """Per group, its 8-connected components at least min_area[group] px large."""
-    grouped = CLASS_GROUP[labels]
-    out = {}
-    for g, name in enumerate(GROUP_NAMES, start=1):
-        n, cc, stats, _ = cv2.connectedComponentsWithStats((grouped == g).astype(np.uint8), connectivity=8)
-        hist = np.bincount((cc.astype(np.int64) * NUM_CLASSES + labels).ravel(),
-                           minlength=n * NUM_CLASSES).reshape(n, NUM_CLASSES)[1:]
-        st = stats[1:]
-        keep = st[:, cv2.CC_STAT_AREA] >= min_area.get(name, 0.0)
-        st, hist = st[keep], hist[keep]
-        x, y = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP]
-        boxes = np.stack([x, y, x + st[:, cv2.CC_STAT_WIDTH], y + st[:, cv2.CC_STAT_HEIGHT]], axis=1).astype(np.float64)
-        out[name] = Components(boxes.reshape(-1, 4), st[:, cv2.CC_STAT_AREA].astype(np.int64), hist)
-    return out
-
-
-def score_image(labels: np.ndarray, boxes: Sequence[Box], min_area: Mapping[str, float], iou: float = 0.3,
-                subtype: str | None = None) -> dict[str, Any]:
-    """Per group tp / fp / fn for one label map and its boxes, and (pred, true) WBC subtype pairs for matched WBCs."""
-    comps = group_components(labels, min_area)
+def score_image(cells: Cells, boxes: Sequence[Box], iou: float = 0.3, subtype: str | None = None) -> dict[str, Any]:
+    """Per group tp / fp / fn of one image's predicted cells against its boxes, and (pred, true) WBC subtype pairs
+    for matched WBCs."""
+    groups = GROUP_OF[cells.classes] if len(cells) else np.zeros(0, np.int32)
     result: dict[str, Any] = {"subtypes": []}
-    for name in GROUP_NAMES:
+    for g, name in enumerate(GROUP_NAMES, start=1):
         gt = np.array([b.xyxy for b in boxes if b.group == name], np.float64).reshape(-1, 4)
-        c = comps[name]
-        pairs = greedy_match(iou_matrix(c.boxes, gt), iou) if len(c.boxes) and len(gt) else []
-        result[name] = {"tp": len(pairs), "fp": len(c.boxes) - len(pairs), "fn": len(gt) - len(pairs),
-                        "gt": len(gt), "pred": len(c.boxes)}
+        which = np.flatnonzero(groups == g)
+        pred = cells.boxes[which].astype(np.float64).reshape(-1, 4)
+        pairs = greedy_match(iou_matrix(pred, gt), iou) if len(pred) and len(gt) else []
+        result[name] = {"tp": len(pairs), "fp": len(pred) - len(pairs), "fn": len(gt) - len(pairs),
+                        "gt": len(gt), "pred": len(pred)}
         if name == "wbc" and subtype is not None:
-            for ci, _ in pairs:
-                wbc_hist = c.histograms[ci, list(WBC_CLASSES)]
-                result["subtypes"].append((NAMES[WBC_CLASSES[int(np.argmax(wbc_hist))]], subtype))
+            result["subtypes"] += [(NAMES[int(cells.classes[which[ci]])], subtype) for ci, _ in pairs]
     return result
+
+
+def predictor_method(predictor) -> str:
+    """How the predictor separates cells: its model's instance output, or 'area' (class regions)."""
+    return predictor.meta.get("config", {}).get("instance") or "area"
 
 
 def rates(tp: int, fp: int, fn: int) -> dict[str, float | None]:
@@ -124,18 +105,13 @@ def rates(tp: int, fp: int, fn: int) -> dict[str, float | None]:
     return {"recall": recall, "precision": precision, "f1": f1}
 
 
-def min_areas(areas: Mapping[int, float], factor: float, min_fraction: float = MIN_FRACTION) -> dict[str, float]:
-    """Speck size per group at the input's scale: min_fraction of the group's smallest expected cell area / factor^2."""
-    return {g: min_fraction * min(areas[index_of(n)] for n in GROUPS[g]) / (factor * factor) for g in GROUP_NAMES}
-
-
 def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto", split: str = "test",
                   scale: str | float = "auto", iou: float = 0.3, min_fraction: float = MIN_FRACTION,
                   wbc_labels: str | Path | None = None, out: str | Path | None = None,
                   max_images: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
-                  progress: bool = True, balance: bool = False) -> dict[str, Any]:
-    """Predict every annotated smear of a split, match components to boxes per group, write metrics.json and add
+                  progress: bool = True, balance: bool = False, tta: bool = False) -> dict[str, Any]:
+    """Predict every annotated smear of a split, match its cells to boxes per group, write metrics.json and add
     the scores to the model card beside the checkpoint."""
     if not 0.0 < iou <= 1.0:
         raise BloodcellsError(f"--iou {iou}: must be above 0 and at most 1, e.g. 0.3")
@@ -147,8 +123,11 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
     if not images:
         raise BloodcellsError(f"{root}: no annotated images in split {split!r}")
     subtypes = read_wbc_subtypes(wbc_labels) if wbc_labels is not None else None
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta=tta,
+                               min_fraction=min_fraction)
     totals = {g: Counter() for g in GROUP_NAMES}
+    rbc_px = np.zeros(2, np.int64)  # pixels predicted infected, healthy
+    count_err: dict[str, list[float]] = {g: [] for g in GROUP_NAMES}
     unknown: Counter = Counter()
     sub_pairs: list[tuple[str, str]] = []
     per_image, failed, factors = [], [], []
@@ -164,10 +143,12 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
             failed.append(str(e))
             continue
         factors.append(pred.scale)
-        s = score_image(pred.labels, im.boxes, min_areas(predictor.areas, pred.scale, min_fraction), iou,
-                        subtype_of(im.path, subtypes) if subtypes is not None else None)
+        s = score_image(pred.cells, im.boxes, iou, subtype_of(im.path, subtypes) if subtypes is not None else None)
         for g in GROUP_NAMES:
             totals[g].update({k: s[g][k] for k in ("tp", "fp", "fn", "gt", "pred")})
+            if s[g]["gt"]:
+                count_err[g].append(100.0 * abs(s[g]["pred"] - s[g]["gt"]) / s[g]["gt"])
+        rbc_px += [int((pred.labels == INFECTED).sum()), int((pred.labels == HEALTHY).sum())]
         sub_pairs += s["subtypes"]
         per_image.append({"image": im.path.name, "scale": round(pred.scale, 4),
                           **{g: s[g] for g in GROUP_NAMES}})
@@ -184,8 +165,11 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "scale": "auto" if factor is None else factor,
         "balance": balance,
         "scale_used": {"min": min(factors), "median": float(np.median(factors)), "max": max(factors)},
-        "matching": {"rule": "greedy by IoU of component bounding box with GT box, per group", "iou": iou,
-                     "min_fraction": min_fraction, "connectivity": 8},
+        "matching": {"rule": "greedy by IoU of each predicted cell's bounding box with a GT box, per group",
+                     "iou": iou, "min_fraction": min_fraction, "cells": predictor_method(predictor)},
+        "tta": tta,
+        "count_error_pct": {g: (float(np.mean(v)) if v else None) for g, v in count_err.items()},
+        "rbc_infected_share": float(rbc_px[0] / rbc_px.sum()) if rbc_px.sum() else None,
         "areas_source": predictor.areas_source,
         "groups": groups,
         "wbc_subtype": {"matched_with_subtype": len(sub_pairs), "correct": int(correct),
@@ -205,17 +189,22 @@ def format_table(result: Mapping[str, Any]) -> str:
     def f(v: float | None) -> str:
         return "    -" if v is None else f"{v:5.3f}"
 
-    lines = [f"{'group':<9} {'GT':>5} {'pred':>5} {'TP':>5} {'FP':>5} {'FN':>5}  {'recall':>6} {'prec':>6} {'F1':>6}"]
+    lines = [f"{'group':<9} {'GT':>5} {'pred':>5} {'TP':>5} {'FP':>5} {'FN':>5}  {'recall':>6} {'prec':>6} {'F1':>6}"
+             f"  {'count err':>9}"]
     for g, r in result["groups"].items():
+        err = result.get("count_error_pct", {}).get(g)
         lines.append(f"{g:<9} {r['gt']:>5} {r['pred']:>5} {r['tp']:>5} {r['fp']:>5} {r['fn']:>5}  "
-                     f"{f(r['recall']):>6} {f(r['precision']):>6} {f(r['f1']):>6}")
+                     f"{f(r['recall']):>6} {f(r['precision']):>6} {f(r['f1']):>6}  "
+                     f"{'-' if err is None else f'{err:.1f}%':>9}")
     st = result["wbc_subtype"]
     if st["matched_with_subtype"]:
         lines.append(f"WBC subtype accuracy {f(st['accuracy'])} ({st['correct']}/{st['matched_with_subtype']} "
                      "matched WBCs with a listed subtype)")
+    if result.get("rbc_infected_share") is not None:
+        lines.append(f"red-cell pixels predicted infected: {100 * result['rbc_infected_share']:.2f}%")
     su = result["scale_used"]
     lines.append(f"{result['images']} images, scale {result['scale']} (used {su['min']:.3f}..{su['max']:.3f}), "
-                 f"IoU >= {result['matching']['iou']}")
+                 f"IoU >= {result['matching']['iou']}, cells: {result['matching']['cells']}")
     if result["unknown_labels"]:
         unknown = result["unknown_labels"].items()
         lines.append("unknown box labels (left out): " + ", ".join(f"{k} {v}" for k, v in unknown))

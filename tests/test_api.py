@@ -14,7 +14,6 @@ from bloodcells.classes import NAMES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import read_json
 from bloodcells.imageio import read_rgb
-from bloodcells.segmenter.count import count_cells
 from bloodcells.segmenter.infer import predict as infer_predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,10 +80,10 @@ def test_predict_is_the_cli_prediction(model, scenes):
     data, _ = scenes
     image = read_rgb(data / "test" / "images" / "000003.png")
     r = bc.predict(model, image, scale=1)
-    ref = infer_predict(model.module, model.meta, image, scale=1.0, precision="fp32")
+    ref = infer_predict(model.module, model.meta, image, scale=1.0, precision="fp32", cell_area=model.predictor.areas)
     assert r.labels.dtype == np.uint8 and r.labels.shape == image.shape[:2]
     assert np.array_equal(r.labels, ref.labels) and r.scale == 1.0 and r.rbc_diameter is None
-    assert r.counts == count_cells(ref.model_labels, model.predictor.areas)
+    assert r.counts == ref.counts and np.array_equal(r.instances, ref.cells.instances)
     assert list(r.counts) == list(r.class_names) and r.counts["background"] == 0
     # a file path, and a view with negative strides (as a flip or a BGR -> RGB slice makes), give the same answer
     assert np.array_equal(bc.predict(model, data / "test" / "images" / "000003.png", scale=1).labels, r.labels)
@@ -95,16 +94,18 @@ def test_predict_is_the_cli_prediction(model, scenes):
 def test_predict_other_sizes_and_auto_scale(model, scenes):
     data, _ = scenes
     image = read_rgb(data / "test" / "images" / "000001.png")
-    big = cv2.resize(image, (400, 300), interpolation=cv2.INTER_LINEAR)  # RBCs ~1.6x larger, not square
+    big = cv2.resize(image, (358, 358), interpolation=cv2.INTER_LINEAR)  # RBCs 1.6x larger
     r = bc.predict(model, big, scale="auto")
-    assert r.labels.shape == (300, 400) and r.model_labels is not None
+    assert r.labels.shape == (358, 358) and r.model_labels is not None
     assert r.rbc_diameter is not None and 0.45 < r.scale < 0.8  # back towards 37 px RBCs
     assert set(np.unique(r.labels)) <= set(range(10))
     r2 = bc.predict(model, big, scale=0.5)
-    assert r2.scale == 0.5 and r2.model_labels.shape == (150, 200)
-    # cells are counted at model scale (40x), where the expected areas hold, not on the input-size map
-    assert r2.counts == count_cells(r2.model_labels, model.predictor.areas)
-    assert r2.counts != count_cells(r2.labels, model.predictor.areas)
+    assert r2.scale == 0.5 and r2.model_labels.shape == (179, 179)
+    # one object per cell: the counts are the cells found, each with its row and its pixels in the instance map
+    assert r2.method == "distance" and r2.instances.shape == (358, 358)
+    assert r2.counts == {n: sum(c["class"] == n for c in r2.cells) for n in NAMES}
+    assert [c["area_px"] for c in r2.cells] == np.bincount(r2.instances.ravel())[1:].tolist()
+    assert r2.rbc_total == r2.counts["healthy_rbc"] + r2.counts["infected_rbc"]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -12,12 +12,13 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from bloodcells.classes import NAMES, NUM_CLASSES, colorize, index_of
+from bloodcells.classes import CLASSES, NAMES, NUM_CLASSES, colorize, index_of
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import Box, detect_box_layout, read_json, read_voc, read_wbc_subtypes, read_yolo
 from bloodcells.imageio import read_gray, read_rgb, write_png
 from bloodcells.segmenter.checkpoint import save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
+from bloodcells.segmenter.instances import components
 from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
                              resize_image, tile_starts)
 from bloodcells.segmenter.models import create_model
@@ -365,7 +366,8 @@ def test_matching_counts_on_a_hand_made_box_case() -> None:
     lab[100:180, 20:100] = index_of("neutrophil")
     lab[100:120, 20:100] = index_of("lymphocyte")  # the majority stays neutrophil
     lab[195:197, 290:292] = HEALTHY  # a speck, dropped
-    s = score_image(lab, gt, {"rbc": 50, "wbc": 100, "platelet": 10}, iou=0.3, subtype="neutrophil")
+    specks = {c.index: {"rbc": 50, "wbc": 100, "platelet": 10}[c.group] for c in CLASSES[1:]}
+    s = score_image(components(lab, specks), gt, iou=0.3, subtype="neutrophil")
     assert s["rbc"] == {"tp": 2, "fp": 1, "fn": 1, "gt": 3, "pred": 3}
     assert s["wbc"] == {"tp": 1, "fp": 0, "fn": 0, "gt": 1, "pred": 1}
     assert s["platelet"]["gt"] == 0 and s["subtypes"] == [("neutrophil", "neutrophil")]

@@ -1,0 +1,137 @@
+"""Instances: targets from instance maps, decoding them back into cells, and the instance metrics."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from bloodcells.classes import NUM_CLASSES, index_of
+from bloodcells.composer.dataset import compose, sprite_pools
+from bloodcells.composer.recipe import load_recipe
+from bloodcells.formats import scene_paths
+from bloodcells.segmenter.instance_metrics import InstanceScorer
+from bloodcells.segmenter.instances import (borders, components, decode, distance_target, instance_target,
+                                            rbc_summary)
+
+RBC = index_of("healthy_rbc")
+
+
+def two_touching_discs(r: int = 12, gap: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Label and instance maps of two RBC discs side by side (touching when gap = 0) and a lymphocyte."""
+    inst = np.zeros((64, 96), np.int32)
+    cv2.circle(inst, (30, 32), r, 1, -1)
+    right = np.zeros_like(inst)
+    cv2.circle(right, (30 + 2 * r + gap, 32), r, 1, -1)
+    inst[right > 0] = 2
+    cv2.circle(inst, (84, 12), 8, 3, -1)
+    label = np.where(inst > 0, RBC, 0).astype(np.uint8)
+    label[inst == 3] = index_of("lymphocyte")
+    return label, inst
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    r = load_recipe("tiny", {"scenes": {"train": 0, "val": 0, "test": 16}})
+    pools, info = sprite_pools(None, r)
+    out = tmp_path_factory.mktemp("inst") / "d"
+    compose(r, pools, out, info, workers=1, progress=False)
+    ds = json.loads((out / "dataset.json").read_text())
+    px, n = ds["class_pixels"]["test"], ds["object_counts"]["test"]
+    # prediction drops objects below 15% of a class's mean visible cell area (segmenter/count.py MIN_FRACTION)
+    specks = {c: 0.15 * px[c] / n[c] for c in range(1, NUM_CLASSES) if n[c]}
+    items = []
+    for i in range(16):
+        p = scene_paths(out, "test", f"{i:06d}")
+        inst = cv2.imread(str(p.instances), cv2.IMREAD_UNCHANGED).astype(np.int32)
+        label = cv2.imread(str(p.label), cv2.IMREAD_UNCHANGED)
+        ann = json.loads(p.annotation.read_text())
+        items.append((label, inst, np.array([index_of(o["class"]) for o in ann["objects"]])))
+    return items, specks
+
+
+def one_hot(label: np.ndarray) -> np.ndarray:
+    return np.eye(NUM_CLASSES, dtype=np.float32)[label].transpose(2, 0, 1).copy()
+
+
+def test_targets_mark_where_touching_cells_meet():
+    label, inst = two_touching_discs()
+    b = borders(inst)
+    assert b[32, 30 + 11] and b[32, 30 + 12] and not b[32, 30]  # both sides of the contact line; not the middle
+    d = distance_target(inst)
+    assert d[inst == 0].max() == 0 and d.max() == pytest.approx(1.0)
+    for k in (1, 2, 3):
+        assert d[inst == k].max() == pytest.approx(1.0)  # normalised per cell
+    assert d[32, 30] > 0.9 and d[32, 41] < 0.15  # high in the middle, a valley where the cells touch
+    assert np.array_equal(instance_target(inst, "boundary"), b.astype(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["distance", "boundary"])
+def test_decoding_perfect_outputs_gives_back_the_cells(scenes, mode):
+    """With the true class map and the true instance target, decoding finds the composed cells again: touching
+    RBCs come apart, and nearly every cell is matched at IoU > 0.5."""
+    items, specks = scenes
+    scorer = InstanceScorer(min_area=specks)
+    for label, inst, classes in items:
+        cells = decode(one_hot(label), instance_target(inst, mode), mode, specks)
+        assert cells.instances.max() == len(cells)
+        scorer.add(inst, classes, cells.instances, cells.classes, cells.confidence)
+    r = scorer.result()
+    assert r["per_class_pq"][RBC] > 0.95 and r["per_class_count_mae"][RBC] < 0.5, r
+    assert r["ap50"] > 0.95
+    # the class-region rule merges touching RBCs: far fewer objects than cells
+    merged = InstanceScorer(min_area=specks)
+    for label, inst, classes in items:
+        c = components(label, specks)
+        merged.add(inst, classes, c.instances, c.classes, c.confidence)
+    assert merged.result()["per_class_pq"][RBC] < r["per_class_pq"][RBC] - 0.3
+
+
+def test_decoding_keeps_groups_apart_and_drops_specks():
+    label, inst = two_touching_discs()
+    label[inst == 2] = index_of("neutrophil")  # the right disc is a WBC: the class map separates it anyway
+    aux = distance_target(inst)
+    cells = decode(one_hot(label), aux, "distance", min_area={c: 100.0 for c in range(1, NUM_CLASSES)})
+    assert sorted(cells.classes.tolist()) == sorted([index_of("neutrophil"), RBC, index_of("lymphocyte")])
+    big = decode(one_hot(label), aux, "distance", min_area={c: 250.0 for c in range(1, NUM_CLASSES)})
+    assert sorted(big.classes.tolist()) == sorted([index_of("neutrophil"), RBC])  # the 8 px lymphocyte: a speck
+    assert (big.instances[inst == 3] == 0).all()
+    k = int(np.flatnonzero(cells.classes == RBC)[0]) + 1
+    x0, y0, x1, y1 = cells.boxes[k - 1]
+    assert (x0, y0, x1, y1) == (18, 20, 42, 45) and cells.areas[k - 1] == (inst == 1).sum()
+    assert cells.centres[k - 1] == pytest.approx((30.0, 32.0), abs=0.05)
+
+
+def test_metrics_score_a_perfect_and_a_merged_prediction():
+    label, inst = two_touching_discs(gap=1)  # two equal discs
+    classes = np.array([RBC, RBC, index_of("lymphocyte")])
+    s = InstanceScorer()
+    s.add(inst, classes, inst, classes, np.ones(3))
+    r = s.result()
+    assert r["per_class_pq"][RBC] == pytest.approx(1.0) and r["ap"] == pytest.approx(1.0)
+    assert r["ap50"] == pytest.approx(1.0) and r["per_class_count_mae"][RBC] == 0
+    merged = np.select([inst == 3, inst > 0], [2, 1], 0)  # the two RBCs as one object, then the lymphocyte
+    s2 = InstanceScorer()
+    s2.add(inst, classes, merged, np.array([RBC, index_of("lymphocyte")]), np.ones(2))
+    r2 = s2.result()
+    # object 1 covers both discs (IoU 0.5 with each: not a match); the lymphocyte is right
+    assert r2["tp"][RBC] == 0 and r2["fn"][RBC] == 2 and r2["fp"][RBC] == 1 and r2["per_class_pq"][RBC] == 0
+    assert r2["per_class_pq"][index_of("lymphocyte")] == pytest.approx(1.0)
+    assert r2["per_class_count_mae"][RBC] == 1 and r2["per_class_count_bias"][RBC] == -1
+
+
+def test_specks_of_the_truth_are_neither_missed_nor_counted():
+    label, inst = two_touching_discs()
+    classes = np.array([RBC, RBC, index_of("lymphocyte")])
+    s = InstanceScorer(min_area={index_of("lymphocyte"): 500.0})  # the lymphocyte (201 px) is below it
+    only_rbc = np.where(inst == 3, 0, inst)
+    s.add(inst, classes, only_rbc, classes[:2], np.ones(2))
+    r = s.result()
+    assert r["fn"][index_of("lymphocyte")] == 0 and r["per_class_count_mae"][index_of("lymphocyte")] == 0
+    assert r["per_class_pq"][index_of("lymphocyte")] is None
+
+
+def test_rbc_summary_gives_parasitaemia():
+    assert rbc_summary({"infected_rbc": 3, "healthy_rbc": 97}) == {"rbc_total": 100, "parasitemia_pct": 3.0}
+    assert rbc_summary({"infected_rbc": 0, "healthy_rbc": 0}) == {"rbc_total": 0, "parasitemia_pct": None}
