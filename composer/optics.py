@@ -65,6 +65,8 @@ def disc_kernel(radius: float, supersample: int = 16) -> np.ndarray:
     c = (np.arange(n, dtype=np.float64) + 0.5) / supersample - (half + 0.5)  # sub-pixel centres
     inside = (c[None, :] ** 2 + c[:, None] ** 2) <= radius * radius
     k = inside.reshape(2 * half + 1, supersample, 2 * half + 1, supersample).sum(axis=(1, 3)).astype(np.float64)
+    if k.sum() == 0:  # a disc smaller than the sampling: a point
+        return np.ones((1, 1), np.float32)
     return (k / k.sum()).astype(np.float32)
 
 

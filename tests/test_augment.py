@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 
 import cv2
@@ -99,7 +100,7 @@ def test_hed_matrices_are_ruifrok_johnstons_and_the_round_trip_is_exact():
     img[0, :, :] = np.arange(128)[:, None] * 2  # greys, black and near-white
     img[1, :, :] = 255
     out = A.hed_scale_shift(img, np.ones(3), np.zeros(3))
-    assert np.abs(out.astype(int) - img).max() <= 1
+    assert np.array_equal(out, img)  # optical density -log((v + 1) / 256) inverts exactly
 
 
 def test_hed_scaling_acts_on_its_own_stain_only():
@@ -144,6 +145,7 @@ def test_saturation_and_hue_keep_greys_and_luma():
     img = scene(2)[0]
     luma = lambda x: x.astype(float) @ [0.299, 0.587, 0.114]  # noqa: E731
     assert np.abs(luma(A.hue(img, g, 20)) - luma(img)).mean() < 1.0
+    assert np.abs(luma(A.saturation(img, g, 0.5)) - luma(img)).mean() < 1.0
     spread = lambda x: (x.max(axis=2).astype(int) - x.min(axis=2)).mean()  # noqa: E731
     ratios = [spread(A.saturation(img, np.random.default_rng(s), 0.5)) / spread(img) for s in range(12)]
     assert 0.45 < min(ratios) < 0.8 and 1.2 < max(ratios) < 1.55  # chroma gain within 1 +- 0.5, both ways
@@ -228,7 +230,26 @@ def test_config_is_checked():
         A.AugmentConfig(gamma=(1.2, 0.8))
     with pytest.raises(BloodcellsError, match="p_jpeg"):
         A.AugmentConfig(p_jpeg=1.5)
-    weak = A.appearance(scene(0)[0], np.random.default_rng(0), 0.3)
-    strong = A.appearance(scene(0)[0], np.random.default_rng(0), 1.0)
-    base = scene(0)[0].astype(int)
-    assert np.abs(weak - base).mean() < np.abs(strong - base).mean()
+
+
+ONLY = {  # one step of the appearance chain on its own (the stain step is always on, so zeroed elsewhere)
+    "stain": {},
+    "brightness_contrast": {"p_brightness_contrast": 1.0},
+    "gamma": {"p_gamma": 1.0, "gamma": (0.6, 0.7)},
+    "saturation": {"p_saturation": 1.0, "saturation": 0.5},
+    "hue": {"p_hue": 1.0, "hue": 20.0},
+    "blur_or_sharpen": {"p_blur_sharpen": 1.0},
+    "noise": {"p_noise": 1.0},
+    "jpeg": {"p_jpeg": 1.0},
+}
+
+
+@pytest.mark.parametrize("step", ONLY)
+def test_strength_scales_every_step_of_the_chain(step):
+    none = {f.name: 0.0 for f in dataclasses.fields(A.AugmentConfig) if f.name.startswith("p_")}
+    stain = {} if step == "stain" else {"stain_alpha": 0.0, "stain_beta": 0.0}
+    config = A.AugmentConfig(**{**none, **stain, **ONLY[step]})
+    img = scene(0)[0]
+    change = {s: np.mean([np.abs(A.appearance(img, np.random.default_rng(seed), s, config).astype(int) - img).mean()
+                          for seed in range(6)]) for s in (0.25, 1.0)}
+    assert 0 < change[0.25] < 0.8 * change[1.0]
