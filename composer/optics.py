@@ -103,31 +103,40 @@ def chromatic_offset(img: np.ndarray, shift: float) -> np.ndarray:
     return cv2.merge([_magnify(r, 1 + k), g, _magnify(b, 1 - k)])
 
 
-@lru_cache(maxsize=16)
-def _centred_r2(h: int, w: int) -> np.ndarray:
-    """(r / r_corner)^2 from the image centre, 3 channels (so that the multiply needs no broadcasting)."""
-    return _r2(h, w, (w - 1) / 2.0, (h - 1) / 2.0)
-
-
-def _r2(h: int, w: int, cx: float, cy: float) -> np.ndarray:
-    rc2 = _corner_radius(h, w) ** 2
-    dx2 = ((np.arange(w, dtype=np.float32) - np.float32(cx)) ** 2 / np.float32(rc2))[None, :]
-    dy2 = ((np.arange(h, dtype=np.float32) - np.float32(cy)) ** 2 / np.float32(rc2))[:, None]
+@lru_cache(maxsize=8)
+def _r2_field(h: int, w: int) -> np.ndarray:
+    """(r / r_corner)^2 about the centre of an (h + 2 * (h // 2 + 1), w + 2 * (w // 2 + 1)) field, 3 channels:
+    an (h, w) window of it is the falloff for a centre moved by whole px, with no per-call grid."""
+    my, mx = h // 2 + 1, w // 2 + 1
+    rc2 = np.float32(_corner_radius(h, w) ** 2)
+    dx2 = ((np.arange(w + 2 * mx, dtype=np.float32) - np.float32(mx + (w - 1) / 2.0)) ** 2 / rc2)[None, :]
+    dy2 = ((np.arange(h + 2 * my, dtype=np.float32) - np.float32(my + (h - 1) / 2.0)) ** 2 / rc2)[:, None]
     r2 = dx2 + dy2
     return cv2.merge([r2, r2, r2])
 
 
+def _r2_window(h: int, w: int, dx: float, dy: float) -> np.ndarray:
+    """(r / r_corner)^2 about the image centre moved by (dx, dy), rounded to whole px (and to at most
+    half the image): the falloff is far smoother than a pixel."""
+    my, mx = h // 2 + 1, w // 2 + 1
+    x0 = mx - min(max(int(round(dx)), -mx), mx)
+    y0 = my - min(max(int(round(dy)), -my), my)
+    return _r2_field(h, w)[y0:y0 + h, x0:x0 + w]
+
+
 def vignetting(img: np.ndarray, strength: float, centre: tuple[float, float] | None = None) -> np.ndarray:
     """Radial light falloff: multiply by 1 - strength * (r / r_corner)^2 (the leading term of cos^4), r from
-    centre (x, y) in px (default the image centre) and r_corner the centre-to-corner distance of the image."""
+    centre (x, y) in px (default the image centre; moved from it by whole px, at most half the image) and
+    r_corner the centre-to-corner distance of the image."""
     if strength <= 0:
         return img.copy()
     h, w = img.shape[:2]
-    r2 = _centred_r2(h, w) if centre is None else _r2(h, w, centre[0], centre[1])
+    dx, dy = (0.0, 0.0) if centre is None else (centre[0] - (w - 1) / 2.0, centre[1] - (h - 1) / 2.0)
+    r2 = _r2_window(h, w, dx, dy)
     loss = cv2.multiply(img, r2, scale=float(strength))
     out = cv2.subtract(img, loss)
-    if centre is not None:  # an off-centre falloff can pass 1 at the far corner: light never goes negative
-        np.maximum(out, 0, out=out)
+    if strength * float(r2[0, 0, 0] + r2[-1, -1, 0] + r2[0, -1, 0] + r2[-1, 0, 0]) > 1:
+        np.maximum(out, 0, out=out)  # an off-centre falloff can pass 1 at the far corner: light never goes negative
     return out
 
 
