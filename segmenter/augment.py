@@ -94,10 +94,9 @@ def _check_rgb(img: np.ndarray) -> None:
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """Round and saturate a float image to uint8."""
-    np.clip(x, 0, 255, out=x)
-    x += 0.5
-    return x.astype(np.uint8)
+    """Round and saturate a float image to uint8 (x is used as scratch)."""
+    np.maximum(x, 0, out=x)  # convertScaleAbs rounds and saturates, but takes |x|
+    return cv2.convertScaleAbs(x)
 
 
 def _lut(img: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -119,8 +118,10 @@ def hed_scale_shift(img: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np
     od_map = (HED_FROM_RGB * np.asarray(scale, np.float64)[None, :]) @ RGB_FROM_HED  # row vectors: od' = od @ map
     od_shift = np.asarray(shift, np.float64) @ RGB_FROM_HED
     neg = np.hstack([-od_map.T, -od_shift[:, None]]).astype(np.float32)  # gives -od' per pixel
-    trans = cv2.exp(cv2.transform(cv2.LUT(img, _OD_TABLE), neg))  # transmitted fraction of (v + 1) / 256
-    return _to_uint8(trans * np.float32(256.0) - np.float32(1.0))
+    trans = cv2.transform(cv2.LUT(img, _OD_TABLE), neg)
+    cv2.exp(trans, dst=trans)  # the transmitted fraction, (v' + 1) / 256; in place: fresh buffers cost page faults
+    np.maximum(trans, np.float32(1 / 256), out=trans)
+    return cv2.convertScaleAbs(trans, alpha=256.0, beta=-1.0)
 
 
 def stain_jitter_hed(img: np.ndarray, rng: np.random.Generator, alpha: float = 0.05, beta: float = 0.05
@@ -202,11 +203,13 @@ def noise(img: np.ndarray, rng: np.random.Generator, std: Range = (0.0, 6.0), sh
     x = img.astype(np.float32)
     n = standard_normal(rng, img.shape)
     if k > 0:
-        n *= cv2.sqrt(x * np.float32(k) + np.float32(sigma * sigma))
+        sd = x * np.float32(k)
+        sd += np.float32(sigma * sigma)
+        n *= np.sqrt(sd, out=sd)
     else:
         n *= np.float32(sigma)
-    x += n
-    return _to_uint8(x)
+    n += x
+    return _to_uint8(n)
 
 
 def jpeg(img: np.ndarray, rng: np.random.Generator, quality: Range = (40, 95)) -> np.ndarray:
