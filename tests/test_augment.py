@@ -220,6 +220,10 @@ def test_scale_jitter_pads_with_the_background_median_and_honours_size():
     # 48x48 content inside 120x100: the whole frame is padding
     assert (o_img[border] == bg_median).all() and (o_lab[border] == 0).all() and (o_inst[border] == 0).all()
     assert A.scale_jitter(img, label, None, np.random.default_rng(0))[2] is None
+    full = np.full_like(label, 9)  # no background at all: the whole image's median
+    whole = np.sort(img.reshape(-1, 3), axis=0)[(img.shape[0] * img.shape[1] - 1) // 2]
+    o_img = A.scale_jitter(img, full, None, np.random.default_rng(0), 0.5, 0.5)[0]
+    assert (o_img[0, 0] == whole).all() and (o_img[-1, -1] == whole).all()
     enlarged = A.scale_jitter(img, label, inst, np.random.default_rng(3), 1.5, 1.5)
     check_scale_jitter(img, label, inst, cls_of, enlarged)
     assert len(np.unique(enlarged[2])) < len(np.unique(inst))  # a 64 px window of 144 loses some cells
