@@ -200,15 +200,15 @@ def noise(img: np.ndarray, rng: np.random.Generator, std: Range = (0.0, 6.0), sh
     k = rng.uniform(*shot)
     if sigma == 0 and k == 0:
         return img.copy()
-    x = img.astype(np.float32)
     n = standard_normal(rng, img.shape)
     if k > 0:
-        sd = x * np.float32(k)
+        sd = img.astype(np.float32)
+        sd *= np.float32(k)
         sd += np.float32(sigma * sigma)
         n *= np.sqrt(sd, out=sd)
     else:
         n *= np.float32(sigma)
-    n += x
+    n += img
     return _to_uint8(n)
 
 
