@@ -22,9 +22,12 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
 
     About 5x faster than Generator.standard_normal for a 224x224x3 field on this project's CPUs, which
     matters when a noise field is drawn for every training sample or scene; the tails stop at 4.3 sigma
-    (one pixel in 60,000 would fall beyond), which no image noise model notices.
+    (one pixel in 60,000 would fall beyond), which no image noise model notices. The uniforms are the
+    generator's raw 64-bit words cut in four, which costs half as much as Generator.integers.
     """
-    return np.take(_normal_table(), rng.integers(0, _LEVELS, shape, dtype=np.uint16))
+    n = int(np.prod(shape))
+    bits = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n]
+    return np.take(_normal_table(), bits).reshape(shape)
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
