@@ -172,7 +172,7 @@ def train_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric: random flips and quarter turns (default geometric)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x)"),
     instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
     instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),

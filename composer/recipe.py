@@ -11,6 +11,8 @@ import yaml
 from bloodcells.classes import BY_NAME, NAMES
 from bloodcells.errors import BloodcellsError
 
+from .optics import resolve_optics
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 OBJECT_CLASSES = ("eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte", "thrombocyte", "platelet_clump")
 KINDS = ("healthy", "infected", "mixed")
@@ -48,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
         "illumination": 0.08,  # strength of a smooth illumination gradient
         "blur": [0.0, 0.6],  # Gaussian blur sigma range (px)
         "noise": 2.0,  # Gaussian pixel noise, std in grey levels
+        # a microscope's and camera's optics (composer/optics.py); all zero: off
+        "optics": {"defocus": [0.0, 0.0], "chromatic": [0.0, 0.0], "vignetting": [0.0, 0.0], "vignetting_offset": 0.3,
+                   "read_noise": [0.0, 0.0], "shot_noise": [0.0, 0.0], "jpeg": [75, 95], "jpeg_p": 0.0},
     },
     "builtin_per_class": 24,  # sprites per class when no bank is given (the built-in default)
 }
@@ -142,7 +147,8 @@ def _read_user(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return user
     if not isinstance(base, str):
         raise BloodcellsError(f"{path}: 'base' must name a recipe (a YAML path or a name in recipes/), got {base!r}")
-    inherited = _read_user(resolve_path(base), seen + (path.resolve(),))
+    beside = path.parent / base  # a relative path is read from the recipe's own folder first
+    inherited = _read_user(beside if beside.is_file() else resolve_path(base), seen + (path.resolve(),))
     inherited.pop("name", None)  # a recipe's name is its own (or its file's)
     return _merge(inherited, user)
 
@@ -181,6 +187,7 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
     if not (isinstance(pl, list) and pl and all(isinstance(c, list) and len(c) == 3 and
                                                 all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in c) for c in pl)):
         raise BloodcellsError(f"{where}: look.plasma must be a list of RGB colours, e.g. [[236, 222, 210], [205, 206, 202]]")
+    r["look"]["optics"] = resolve_optics(r["look"]["optics"], f"{where}: look.optics")
     if not isinstance(r["seed"], int):
         raise BloodcellsError(f"{where}: seed must be a whole number")
     r["canvas"]["windows"] = max(1, int(r["canvas"]["windows"]))

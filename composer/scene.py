@@ -7,9 +7,10 @@ alike, so every pixel with an instance has that instance's class and every cell 
 
 Two ways to form the image (`look.blend`):
 - `optical_density` (Beer-Lambert, the default): sprites are converted to optical density against
-  their own source's background, densities add where cells overlap (overlaps come out darker, as
-  stacked absorbers do), and the sum is turned back into colour against the scene's plasma (a flat
-  colour or a background field cut from a real smear): image = plasma * exp(-density).
+  their own source's background, densities add where red cells and platelets overlap (overlaps come out
+  darker, as stacked absorbers do; white cells, which push red cells aside, cover what is below), and the
+  sum is turned back into colour against the scene's plasma (a flat colour or a background field cut
+  from a real smear): image = plasma * exp(-density).
 - `alpha`: the top-most sprite's colour covers what is below (alpha compositing), on a plasma colour.
 While composing, images are float32: RGB 0..255 (alpha) or optical density per channel (optical_density).
 """
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from bloodcells.classes import PLASMA_RGB, index_of
+from bloodcells.classes import BY_NAME, PLASMA_RGB, index_of
 
+from .optics import apply_optics
 from .sprite import Sprite
 
 BLENDS = ("optical_density", "alpha")
@@ -31,6 +33,20 @@ def density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
     """Optical density per channel of float RGB (h, w, 3) seen against `background` (3,): 0 at the background."""
     od = np.log(np.asarray(background, np.float32) + 1.0) - np.log(rgb.astype(np.float32) + 1.0)
     return np.maximum(od, 0.0, out=od)
+
+
+def sprite_density(s: Sprite) -> np.ndarray:
+    """A sprite's optical density (h, w, 3) against its background. Its soft rim (alpha below full) is capped at the
+    densest 5% of its inside: a rim mixes the cell with what lay around it, which for crops cut out on black is
+    black, and black reads as a dense dark ring once densities add."""
+    od = density(s.rgba[..., :3], sprite_background(s))
+    a = s.rgba[..., 3]
+    inside = a >= 250
+    if inside.any():
+        cap = np.percentile(od[inside], 95, axis=0).astype(np.float32)
+        rim = a < 250
+        od[rim] = np.minimum(od[rim], cap)
+    return od
 
 
 def sprite_background(s: Sprite) -> np.ndarray:
@@ -108,7 +124,7 @@ class Prepared:
         if hit is None:
             rgba = s.rgba
             if self.additive:
-                rgba = np.dstack([density(rgba[..., :3], sprite_background(s)), rgba[..., 3:4].astype(np.float32)])
+                rgba = np.dstack([sprite_density(s), rgba[..., 3:4].astype(np.float32)])
             hit = prepare(rgba, s.diameter, diameter, self.soft_edge)
             if len(self.cache) > 20000:
                 self.cache.clear()
@@ -240,7 +256,10 @@ def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, p
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
     if s.cls == "thrombocyte" and look["faint"] > 0 and rng.uniform() < look["faint"]:
         layer = fade(layer, float(rng.uniform(0.35, 0.75)), prep.additive)
-    bbox = paste(img, label, layer, index_of(s.cls), cx, cy, inst, inst_id, prep.additive)
+    # white cells push the red cells aside rather than lie on them: in density they cover what is below;
+    # platelets lie on red cells as often as between them, and add to them
+    additive = prep.additive and BY_NAME[s.cls].group != "wbc"
+    bbox = paste(img, label, layer, index_of(s.cls), cx, cy, inst, inst_id, additive)
     if bbox is None:
         return None
     return Placed(s.cls, s.id, s.source, (cx, cy), bbox, angle, flip, scale * d0 / s.diameter)
@@ -408,8 +427,15 @@ def to_colour(img: np.ndarray, plasma: np.ndarray) -> np.ndarray:
     return cv2.multiply(out, plasma)
 
 
+def optics_on(optics: dict) -> bool:
+    """Whether a recipe's look.optics changes anything."""
+    return any(optics[k][1] > 0 for k in ("defocus", "chromatic", "vignetting", "read_noise", "shot_noise")) \
+        or optics["jpeg_p"] > 0
+
+
 def finish_look(img: np.ndarray, rng: np.random.Generator, look: dict) -> np.ndarray:
-    """Illumination gradient, blur and noise on a composed float RGB image; returns uint8 RGB."""
+    """Illumination gradient, blur, noise and the optics of a microscope and camera (look.optics: defocus,
+    chromatic offset, vignetting, sensor noise, JPEG) on a composed float RGB image; returns uint8 RGB."""
     h, w = img.shape[:2]
     if look["illumination"] > 0:
         gx, gy = rng.normal(0, look["illumination"], 2)
@@ -427,6 +453,8 @@ def finish_look(img: np.ndarray, rng: np.random.Generator, look: dict) -> np.nda
             img = cv2.add(img, tile[y:y + h, x:x + w])
         else:
             img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(look["noise"])
+    if optics_on(look["optics"]):
+        img = apply_optics(img, rng, look["optics"])
     np.clip(img, 0, 255, out=img)
     img += 0.5
     return img.astype(np.uint8)

@@ -10,10 +10,11 @@ augmentation is fixed by the generator's state; no function modifies its inputs.
 - ``"none"``: returns copies, unchanged.
 - ``"geometric"``: returns copies, unchanged: flips and quarter turns are the caller's
   (`segmenter.data.flip_rotate`), so this level only says "no appearance or scale change".
-- ``"full"``: scale jitter (with probability ``p_scale``: resize by a log-uniform factor, crop or pad back
-  with background), then the appearance chain of `appearance`: HED stain jitter always, then
+- ``"appearance"``: the appearance chain of `appearance` alone: HED stain jitter always, then
   brightness/contrast, gamma, saturation, hue, blur or sharpen, sensor noise and JPEG, each with its own
-  probability. The caller still applies the geometric transforms.
+  probability.
+- ``"full"``: scale jitter (with probability ``p_scale``: resize by a log-uniform factor, crop or pad back
+  with background), then the appearance chain. The caller still applies the geometric transforms.
 
 `strength` scales every appearance range (0 = identity) and the scale range (in log space).
 """
@@ -29,7 +30,7 @@ from bloodcells.degrade import jpeg_roundtrip, standard_normal
 from bloodcells.errors import BloodcellsError
 
 Range = tuple[float, float]
-LEVELS = ("none", "geometric", "full")
+LEVELS = ("none", "geometric", "appearance", "full")
 
 # Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (rows), as in skimage.color
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
@@ -319,9 +320,9 @@ def augment_sample(img: np.ndarray, label: np.ndarray, instances: np.ndarray | N
     (see the module docstring); returns new (image, label, instances)."""
     if level not in LEVELS:
         raise BloodcellsError(f"augmentation level {level!r} is not one of: {', '.join(LEVELS)}")
-    if level != "full" or strength <= 0:
+    if level in ("none", "geometric") or strength <= 0:
         return img.copy(), label.copy(), None if instances is None else instances.copy()
-    if rng.random() < config.p_scale:
+    if level == "full" and rng.random() < config.p_scale:
         lo, hi = config.scale[0] ** strength, config.scale[1] ** strength
         img, label, instances = scale_jitter(img, label, instances, rng, lo, hi)
     else:

@@ -18,6 +18,7 @@ from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import SPLITS, DatasetInfo, scene_paths, split_ids
 from bloodcells.imageio import read_gray, read_rgb
+from bloodcells.segmenter.augment import LEVELS, augment_sample
 from bloodcells.segmenter.instances import instance_target
 
 MAX_CACHE_GB = 4.0  # a 10k-image 224x224 split takes 2 GB as uint8 images + labels
@@ -99,11 +100,12 @@ def dihedral(arr: np.ndarray, code: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-AUGMENT_LEVELS = ("none", "geometric")
+AUGMENT_LEVELS = LEVELS  # none | geometric | appearance | full
 
 
 def augment_level(value: bool | str) -> str:
-    """--augment: none | geometric (flips and quarter turns); True / False as geometric / none."""
+    """--augment: none | geometric (flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG) |
+    full (and scale jitter); True / False as geometric / none."""
     if value is True:
         return "geometric"
     if value is False or value is None:
@@ -192,6 +194,9 @@ class SegmentationDataset(Dataset):
             code = int(torch.randint(8, (), generator=g))
             image, label = dihedral(image, code), dihedral(label, code)
             inst = dihedral(inst, code) if inst is not None else None
+            if self.augment in ("appearance", "full"):
+                rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+                image, label, inst = augment_sample(image, label, inst, rng, self.augment)
         x, y = to_tensor(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(label)).long()
         if self.instance is None:
             return x, y

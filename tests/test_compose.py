@@ -426,3 +426,34 @@ def test_recipe_base_inherits_and_overrides(tmp_path):
     loop.write_text(f"base: {loop}\n")
     with pytest.raises(BloodcellsError, match="cycle"):
         load_recipe(loop)
+
+
+def test_white_cells_cover_red_cells_and_black_rims_do_not_darken():
+    """In optical density, a white cell hides the red cell below it (it pushes it aside), while red cells add;
+    a crop cut out on black leaves no dark ring at its edge."""
+    from bloodcells.composer.scene import place_sprite, sprite_density, to_colour
+
+    rbc = _disk_sprite(10, cls="healthy_rbc", sid="r")
+    rbc = Sprite("r", "healthy_rbc", rbc.rgba, rbc.diameter, background=(240.0, 240.0, 240.0))
+    wbc = _disk_sprite(10, cls="lymphocyte", sid="w")
+    wbc = Sprite("w", "lymphocyte", wbc.rgba, wbc.diameter, background=(240.0, 240.0, 240.0))
+    prep = Prepared(0.0, "optical_density")
+    look = {"stain_jitter": 0.0, "faint": 0.0}
+    sizes = {"jitter": 0.0, "healthy_rbc": rbc.diameter, "lymphocyte": wbc.diameter}
+    plasma = np.array([236, 222, 210], np.float32)
+    alone = np.zeros((48, 48, 3), np.float32)
+    place_sprite(alone, np.zeros((48, 48), np.uint8), np.random.default_rng(0), prep, wbc, sizes, look, 24, 24)
+    stacked = np.zeros((48, 48, 3), np.float32)
+    lab = np.zeros((48, 48), np.uint8)
+    for s in (rbc, wbc):
+        place_sprite(stacked, lab, np.random.default_rng(0), prep, s, sizes, look, 24, 24)
+    assert np.allclose(to_colour(stacked, plasma)[24, 24], to_colour(alone, plasma)[24, 24], atol=0.5)
+    assert lab[24, 24] == index_of("lymphocyte")
+    # a cell cut out on black: its soft rim mixes in black; its density there stays within the cell's own
+    rgba = np.zeros((30, 30, 4), np.uint8)
+    cv2.circle(rgba, (15, 15), 10, (200, 150, 150, 255), -1)
+    rgba[..., 3] = cv2.GaussianBlur(rgba[..., 3], (0, 0), 1.0)
+    rgba[..., :3] = (rgba[..., :3].astype(np.float32) * (rgba[..., 3:] / 255.0)).astype(np.uint8)  # fades to black
+    od = sprite_density(Sprite("k", "healthy_rbc", rgba, 20.0))
+    inside = rgba[..., 3] >= 250
+    assert od[rgba[..., 3] > 0].max() <= od[inside].max() + 1e-6
