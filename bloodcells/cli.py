@@ -129,7 +129,7 @@ def train_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="unet | r2unet | attention_unet | unetpp | ternausnet | resunet (default unet)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="total epochs (default 10); with --resume it may extend the run"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<arch>)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from its last.pt"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder (or of this last.pt)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per step (default 8)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="initial learning rate (default 1e-3)"),
     milestones: Optional[str] = typer.Option(None, "--milestones", help="epochs after which the rate is multiplied by --gamma (default 5)"),
@@ -148,6 +148,7 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="random flips and quarter turns (default on)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
+    force: bool = typer.Option(False, "--force", help="start a new run in --out even if it holds one (default: the same settings resume it, others are refused)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a segmenter (or continue one with --resume); writes best.pt, last.pt, history.csv, curves.png."""
@@ -168,7 +169,7 @@ def train_cmd(
         config = TrainConfig(out=str(out or Path("runs") / given.get("arch", "unet")), **given)
     main_rank = env_world()[0] == 0
     try:
-        s = train(config)
+        s = train(config, force=force)
     except KeyboardInterrupt:
         if main_rank:
             typer.echo(f"interrupted: saved {Path(config.out) / 'last.pt'}; continue with: "
@@ -177,6 +178,8 @@ def train_cmd(
     if not main_rank:
         return
     best = s["best"] or {}
+    if resume is None and s.get("resumed"):
+        typer.echo(f"continued the run already in {s['out']} (its settings match; --force starts over)")
     typer.echo(f"{s['out']}: {s['epoch']}/{s['epochs']} epochs, {s['global_step']} steps, "
                f"{s['images_per_s'] or 0:.1f} train img/s ({s['precision']} on {s['device']}, {s['world_size']} process(es))")
     if best:
