@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import bloodcells
 from bloodcells.classes import NAMES, NUM_CLASSES, index_of
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import (DATASET_FILE, DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, median_frequency_weights,
                                 read_json, scene_id, scene_paths, write_json)
 from bloodcells.imageio import encode_png, write_bytes_atomic
@@ -234,7 +234,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, sprites_info: dict,
             workers: int = 1, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
     """Render every missing scene of this shard; write dataset.json once all scenes exist."""
-    out = Path(out)
+    out = check_out_folder(out)
     check_pools(recipe, pools, sprites_info.get("bank", "sprites"))
     _guard_same_recipe(out, recipe, sprites_info)
     win = recipe["canvas"]["windows"]

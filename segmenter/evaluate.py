@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.errors import check_out_folder
 from bloodcells.formats import json_safe, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import confusion_heatmap
@@ -90,6 +91,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
              batch_size: int = 8, precision: str = "auto", workers: int = 0, device: str = "auto",
              cache: bool | None = False) -> dict[str, Any]:
     """Score a checkpoint on one split; write metrics.json, confusion.csv and confusion.png into `out`."""
+    out = check_out_folder(out if out is not None else default_out(model_path, split))
     runtime = make_runtime(precision, device)
     try:
         model, meta = load_model(model_path, runtime.device)
@@ -101,7 +103,6 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
     finally:
         leave_process_group(runtime)
     counts = cm.matrix()
-    out = Path(out) if out is not None else default_out(model_path, split)
     result: dict[str, Any] = {"model": str(model_path), "data": str(data), "split": split, "images": len(dataset),
                               "precision": runtime.precision, **metrics_from_confusion(counts),
                               "table": class_table(counts), "confusion": counts.tolist(), "out": str(out)}

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import write_json
 from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
@@ -189,7 +189,7 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
                   progress: bool = True, balance: bool = False) -> RunSummary:
     """Predict every input into `out` (maps, colour maps, counts.csv); unreadable inputs are skipped and listed."""
-    out = Path(out)
+    out = check_out_folder(out)
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
     paths, problems = expand_inputs(inputs)

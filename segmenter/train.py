@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import DatasetInfo, json_safe
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import training_curves
@@ -99,6 +99,7 @@ class TrainConfig:
         """Reject values that cannot work, naming the flag."""
         if self.data is None:
             raise BloodcellsError("no dataset: pass --data DIR (a composed dataset) or --resume RUN_DIR")
+        check_out_folder(self.out)
         for name in ("epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise BloodcellsError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
