@@ -264,6 +264,89 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
+def _counts_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "counts.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_redoes_inputs_done_with_another_model_scale_or_options(checkpoint, tmp_path) -> None:
+    from bloodcells.segmenter.predict import predict_files
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in"
+    for i in range(2):
+        write_png(src / f"s{i}.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    out = tmp_path / "preds"
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"  # another model: same architecture and path length, other weights
+    save_checkpoint(other, create_model("unet", width=4), [0.7, 0.6, 0.6], [0.2, 0.2, 0.2], meta={})
+    go = dict(precision="fp32", progress=False)
+
+    first = predict_files(checkpoint, [src], out, **go)
+    assert sorted(first.done) == ["s0", "s1"] and not first.resumed
+    maps = {s: read_gray(out / f"{s}.png") for s in ("s0", "s1")}
+    assert sorted(predict_files(checkpoint, [src], out, **go).resumed) == ["s0", "s1"]
+    # another checkpoint, scale or option: every input is predicted again and counts.csv follows
+    assert sorted(predict_files(other, [src], out, **go).done) == ["s0", "s1"]
+    assert any(not np.array_equal(read_gray(out / f"{s}.png"), maps[s]) for s in maps)
+    assert sorted(predict_files(other, [src], out, scale="0.5", **go).done) == ["s0", "s1"]
+    rows = _counts_rows(out)
+    assert sorted(r["image"] for r in rows) == ["s0", "s1"] and {r["scale"] for r in rows} == {"0.5000"}
+    assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, **go).done) == ["s0", "s1"]
+    assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go).done) == ["s0", "s1"]
+    again = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
+    assert not again.done and sorted(again.resumed) == ["s0", "s1"]
+    # a missing output file of one input makes only that input be predicted again
+    (out / "s1_color.png").unlink()
+    s = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
+    assert s.done == ["s1"] and s.resumed == ["s0"]
+    assert sorted(r["image"] for r in _counts_rows(out)) == ["s0", "s1"]
+
+
+def test_counts_csv_is_written_per_run_not_per_image_and_survives_interruption(checkpoint, tmp_path,
+                                                                               monkeypatch) -> None:
+    import bloodcells.segmenter.predict as pred_mod
+
+    rng = np.random.default_rng(6)
+    src = tmp_path / "in"
+    for i in range(5):
+        write_png(src / f"s{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "preds"
+    writes = []
+    atomic = pred_mod.write_bytes_atomic
+
+    def counting(path, data):
+        if Path(path).name == "counts.csv":
+            writes.append(data.decode())
+        atomic(path, data)
+
+    monkeypatch.setattr(pred_mod, "write_bytes_atomic", counting)
+    pred_mod.predict_files(checkpoint, [src], out, precision="fp32", progress=False)
+    assert len(writes) <= 2  # once when the run starts (merging earlier records) and once at its end
+    assert sorted(r["image"] for r in _counts_rows(out)) == [f"s{i}" for i in range(5)]
+
+    # interrupted after two of five images of a new output folder
+    calls = []
+    counting_cells = pred_mod.count_cells
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return counting_cells(*args, **kwargs)
+
+    monkeypatch.setattr(pred_mod, "count_cells", interrupt)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
+    monkeypatch.setattr(pred_mod, "count_cells", counting_cells)
+    s = pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
+    assert sorted(s.resumed) == ["s0", "s1"] and sorted(s.done) == ["s2", "s3", "s4"]
+    rows = _counts_rows(cut)
+    assert [r["image"] for r in rows] == [f"s{i}" for i in range(5)]  # each image once, in input order
+    assert rows == _counts_rows(out)  # the same table as the uninterrupted run
+
+
 def test_predict_cli_errors(checkpoint, tmp_path) -> None:
     r = run("predict", "--model", str(tmp_path / "missing.pt"), str(tmp_path), "--out", str(tmp_path / "o"))
     assert isinstance(r.exception, BloodcellsError) and "missing.pt: no such checkpoint" in str(r.exception)
