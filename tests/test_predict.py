@@ -156,6 +156,28 @@ def test_auto_scale_on_real_bccd_smears_is_near_the_box_size(datasets) -> None:
         assert 0.65 < d / np.median(sides) < 1.25, (im.path.name, d, np.median(sides))
 
 
+def test_auto_scale_measures_large_smears_on_reduced_copies(scenes, monkeypatch) -> None:
+    import bloodcells.segmenter.infer as infer
+
+    from bloodcells.composer.dataset import Composer, sprite_pools
+    from bloodcells.composer.recipe import validate
+
+    # a 40x smear larger than the first look (RBCs of 37 px become small there) and the same smear enlarged 2.5x
+    recipe = validate({"scene_size": 640, "canvas": {"size": 640, "windows": 1}, "builtin_per_class": 6,
+                       "scenes": {"train": 1, "val": 0, "test": 0}})
+    smear = Composer(recipe, "train", sprite_pools(None, recipe)[0]["train"]).scene(0)[0][:480]
+    seen: list[int] = []
+    signal = infer.cell_signal
+    monkeypatch.setattr(infer, "cell_signal", lambda img: seen.append(img.shape[0] * img.shape[1]) or signal(img))
+    d = estimate_rbc_diameter(smear)
+    assert 37 * 0.9 < d < 37 * 1.1
+    seen.clear()
+    big = resize_image(smear, 2.5)
+    assert abs(estimate_rbc_diameter(big) / d / 2.5 - 1) < 0.05
+    # the enlarged smear's cells are large enough to be measured on copies of a fraction of its pixels
+    assert seen and max(seen) < 0.2 * big.shape[0] * big.shape[1]
+
+
 def test_scale_parsing_and_labels_at_input_size() -> None:
     assert parse_scale("auto") is None and parse_scale("0.36") == pytest.approx(0.36)
     for bad in ("0", "-1", "abc", "nan"):
