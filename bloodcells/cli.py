@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
+
+def at_least(low: float) -> Callable[[typer.CallbackParam, Any], Any]:
+    """An option callback that refuses values below `low` in one line (typer's min= prints a usage box, exit 2)."""
+
+    def check(param: typer.CallbackParam, value: Any) -> Any:
+        if value is not None and value < low:
+            raise BloodcellsError(f"{param.opts[0]} {value:g}: must be at least {low:g}")
+        return value
+
+    return check
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Blood-smear scene composer and multi-class U-Net segmenter.")
@@ -29,7 +40,7 @@ def sprites_import(
     split: str = typer.Option("80/10/10", "--split", help="train/val/test shares, by source image"),
     name: Optional[str] = typer.Option(None, "--name", help="source name in the index (default KIND:FOLDER)"),
     licence: Optional[str] = typer.Option(None, "--licence", help="the source's licence (default: read from SOURCE.txt, LICENSE* or README* in the folder or up to two parents; else 'unknown')"),
-    workers: int = typer.Option(2, "--workers", min=1),
+    workers: int = typer.Option(2, "--workers", callback=at_least(1)),
     backgrounds: bool = typer.Option(True, "--backgrounds/--no-backgrounds",
                                      help="also keep each smear's plasma (its cell-free background) as a background field"),
 ) -> None:
@@ -68,7 +79,7 @@ def sprites_sheet(
     bank: Path = typer.Argument(Path("sprites")),
     out: Path = typer.Option(Path("sheet.png"), "--out"),
     split: Optional[str] = typer.Option(None, "--split", help="only this split"),
-    per_class: int = typer.Option(12, "--per-class", min=1),
+    per_class: int = typer.Option(12, "--per-class", callback=at_least(1)),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Contact sheet: a row of sprites per class with the mask outline drawn."""
@@ -88,7 +99,7 @@ def compose_cmd(
     recipe: str = typer.Option("balanced.yaml", "--recipe", help="recipe YAML, or a bare name in recipes/"),
     sprites: Optional[Path] = typer.Option(None, "--sprites", help="sprite bank; omit for the built-in default"),
     out: Optional[Path] = typer.Option(None, "--out", help="dataset folder (default data/<recipe name>)"),
-    workers: int = typer.Option(2, "--workers", min=1),
+    workers: int = typer.Option(2, "--workers", callback=at_least(1)),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: render only this shard's canvases"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the recipe's seed"),
 ) -> None:
@@ -97,7 +108,7 @@ def compose_cmd(
     from bloodcells.composer.recipe import load_recipe
 
     r = load_recipe(recipe, {"seed": seed} if seed is not None else None)
-    out = out or Path("data") / r["name"]
+    out = check_out_folder(out or Path("data") / r["name"])
     pools, info = sprite_pools(sprites, r)
     if sprites is None:
         typer.echo("sprites: the built-in default (procedural cells drawn by the project; no dataset needed)")
@@ -119,7 +130,7 @@ def compose_cmd(
 def show_cmd(
     data: Path = typer.Argument(..., help="a composed dataset folder"),
     split: str = typer.Option("train", "--split"),
-    n: int = typer.Option(16, "--n", min=1),
+    n: int = typer.Option(16, "--n", callback=at_least(1)),
     out: Path = typer.Option(Path("grid.png"), "--out"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -153,29 +164,30 @@ def export_cmd(
 def train_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="composed dataset folder (with dataset.json)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="unet | r2unet | attention_unet | unetpp | ternausnet | resunet (default unet)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="total epochs (default 10); with --resume it may extend the run"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", callback=at_least(1), help="total epochs (default 10); with --resume it may extend the run"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<arch>)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from its last.pt"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per step (default 8)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder (or of this last.pt)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", callback=at_least(1), help="images per step (default 8)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="initial learning rate (default 1e-3)"),
     milestones: Optional[str] = typer.Option(None, "--milestones", help="epochs after which the rate is multiplied by --gamma (default 5)"),
     gamma: Optional[float] = typer.Option(None, "--gamma", help="learning-rate factor at each milestone (default 0.1)"),
     dice_weight: Optional[float] = typer.Option(None, "--dice-weight", help="add this times the Dice loss to the weighted CE (default 0)"),
     class_weights: Optional[bool] = typer.Option(None, "--class-weights/--no-class-weights", help="weight CE by dataset.json's class weights (default on)"),
-    weight_power: Optional[float] = typer.Option(None, "--weight-power", min=0.0, help="raise the class weights to this power: 1 median-frequency (default), 0.5 milder, 0 none"),
-    width: Optional[int] = typer.Option(None, "--width", min=1, help="first-level feature width (default 32)"),
+    weight_power: Optional[float] = typer.Option(None, "--weight-power", callback=at_least(0.0), help="raise the class weights to this power: 1 median-frequency (default), 0.5 milder, 0 none"),
+    width: Optional[int] = typer.Option(None, "--width", callback=at_least(1), help="first-level feature width (default 32)"),
     option: List[str] = typer.Option([], "--option", help="architecture option KEY=VALUE, e.g. deep_supervision=true; repeatable"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of weights, order and augmentation (default 0)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (default auto: bf16 on CPUs with native bf16, mixed precision on GPUs)"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="cap on steps per epoch"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", callback=at_least(1), help="cap on steps per epoch"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)"),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
+    threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads (default: torch's choice)"),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x)"),
     instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
     instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
+    force: bool = typer.Option(False, "--force", help="start a new run in --out even if it holds one (default: the same settings resume it, others are refused)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a segmenter (or continue one with --resume); writes best.pt, last.pt, history.csv, curves.png."""
@@ -197,7 +209,7 @@ def train_cmd(
         config = TrainConfig(out=str(out or Path("runs") / given.get("arch", "unet")), **given)
     main_rank = env_world()[0] == 0
     try:
-        s = train(config)
+        s = train(config, force=force)
     except KeyboardInterrupt:
         if main_rank:
             typer.echo(f"interrupted: saved {Path(config.out) / 'last.pt'}; continue with: "
@@ -206,6 +218,8 @@ def train_cmd(
     if not main_rank:
         return
     best = s["best"] or {}
+    if resume is None and s.get("resumed"):
+        typer.echo(f"continued the run already in {s['out']} (its settings match; --force starts over)")
     typer.echo(f"{s['out']}: {s['epoch']}/{s['epochs']} epochs, {s['global_step']} steps, "
                f"{s['images_per_s'] or 0:.1f} train img/s ({s['precision']} on {s['device']}, {s['world_size']} process(es))")
     if best:
@@ -224,10 +238,10 @@ def evaluate_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="dataset folder (default: the one the model was trained on)"),
     split: str = typer.Option("test", "--split"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json, confusion.csv/.png (default <model dir>/<stem>-<split>)"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", callback=at_least(1)),
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
     device: str = typer.Option("auto", "--device"),
-    workers: int = typer.Option(0, "--workers", min=0),
+    workers: int = typer.Option(0, "--workers", callback=at_least(0)),
 ) -> None:
     """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix."""
     from bloodcells.formats import read_json
@@ -248,7 +262,7 @@ def evaluate_cmd(
 # inference options shared by predict, colorize and evaluate-real
 TILE_OPTION = typer.Option(224, "--tile", help="sliding-window size (a multiple of 32)")
 OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="share of a tile that overlaps its neighbour (0..0.9)")
-BATCH_OPTION = typer.Option(8, "--batch", min=1, help="tiles per forward pass")
+BATCH_OPTION = typer.Option(8, "--batch", callback=at_least(1), help="tiles per forward pass")
 PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16")
 BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
@@ -294,9 +308,9 @@ def colorize_cmd(
     scale: str = typer.Option("1", "--scale", help="resize factor to 40x, or auto (estimated once per image or video)"),
     layout: str = typer.Option("side", "--layout", help="side (image | colour map) | overlay | map"),
     fps: float = typer.Option(5.0, "--fps", help="frames per second of the result (GIF: 1000/fps ms a frame)"),
-    every: int = typer.Option(1, "--every", min=1, help="video input: use every N-th frame"),
-    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="stop after this many frames"),
-    width: Optional[int] = typer.Option(None, "--width", min=16, help="resize frames to this width (default: as rendered)"),
+    every: int = typer.Option(1, "--every", callback=at_least(1), help="video input: use every N-th frame"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", callback=at_least(1), help="stop after this many frames"),
+    width: Optional[int] = typer.Option(None, "--width", callback=at_least(16), help="resize frames to this width (default: as rendered)"),
     tile: int = TILE_OPTION,
     overlap: float = OVERLAP_OPTION,
     batch: int = BATCH_OPTION,
@@ -328,7 +342,7 @@ def evaluate_real_cmd(
     min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop components below this share of one cell's area"),
     wbc_labels: Optional[Path] = typer.Option(None, "--wbc-labels", help="CSV Image,Category of WBC subtypes (BCCD: wbc_subtype_labels_mooney.csv)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for metrics.json (default <model dir>/<stem>-real-<split>)"),
-    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="only the first N images"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", callback=at_least(1), help="only the first N images"),
     data: Optional[Path] = typer.Option(None, "--data", help="composed dataset for the expected cell areas"),
     tile: int = TILE_OPTION,
     overlap: float = OVERLAP_OPTION,
@@ -373,7 +387,7 @@ def export_model_cmd(
 @app.command("quickstart")
 def quickstart_cmd(
     out: Path = typer.Option(Path("quickstart"), "--out", help="folder for everything it makes"),
-    minutes: float = typer.Option(4.0, "--minutes", min=0.1, help="training time budget"),
+    minutes: float = typer.Option(4.0, "--minutes", callback=at_least(0.1), help="training time budget"),
     sprites: Optional[Path] = typer.Option(None, "--sprites", help="a sprite bank (default: the built-in sprites)"),
 ) -> None:
     """The whole pipeline in one go: compose a small set, train a small U-Net, predict, write a GIF."""

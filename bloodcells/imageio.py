@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -13,8 +14,30 @@ from .errors import BloodcellsError, disk_errors
 # OpenCV's own thread pool is of no use on the small images here, and a pool created before a
 # fork can deadlock the forked workers that compose and import use: keep OpenCV single-threaded.
 cv2.setNumThreads(1)
+# Unreadable files are reported in one line of our own; OpenCV's log lines before it are noise
+# (OPENCV_LOG_LEVEL still applies when set, for debugging).
+if "OPENCV_LOG_LEVEL" not in os.environ and hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what C libraries print to stderr (libpng's "libpng error: ...", libjpeg's "Corrupt JPEG data") nowhere."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _decode(path: Path, flags: int) -> np.ndarray:
@@ -24,7 +47,8 @@ def _decode(path: Path, flags: int) -> np.ndarray:
         raise BloodcellsError(f"{path}: no such file; check the path") from None
     except OSError as e:
         raise BloodcellsError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from None
-    img = cv2.imdecode(data, flags) if data.size else None
+    with _native_stderr_silenced():
+        img = cv2.imdecode(data, flags) if data.size else None
     if img is None:
         raise BloodcellsError(f"{path}: not a readable image (corrupt or unsupported format); replace or remove it")
     return img

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 import bloodcells
 from bloodcells.classes import NAMES, NUM_CLASSES, index_of
-from bloodcells.errors import BloodcellsError
-from bloodcells.formats import (DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, median_frequency_weights, read_json,
-                                scene_id, scene_paths, write_json)
+from bloodcells.errors import BloodcellsError, check_out_folder
+from bloodcells.formats import (DATASET_FILE, DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, median_frequency_weights,
+                                read_json, scene_id, scene_paths, write_json)
 from bloodcells.imageio import encode_png, write_bytes_atomic
 
 from .licence import BUILTIN_LICENCE, UNKNOWN
@@ -258,7 +258,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, sprites_info: dict,
             workers: int = 1, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
     """Render every missing scene of this shard; write dataset.json once all scenes exist."""
-    out = Path(out)
+    out = check_out_folder(out)
     check_pools(recipe, pools, sprites_info.get("bank", "sprites"))
     _guard_same_recipe(out, recipe, sprites_info)
     win = recipe["canvas"]["windows"]
@@ -298,8 +298,20 @@ def compose(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], out: Path, 
     return summary
 
 
+def _holds_scenes(out: Path) -> bool:
+    """Whether a folder already holds a dataset.json or any scene file."""
+    if (out / DATASET_FILE).exists():
+        return True
+    return any(next((out / split / sub).glob("*"), None) is not None
+               for split in SPLITS for sub in ("annotations", "images", "labels", "instances"))
+
+
 def _guard_same_recipe(out: Path, recipe: dict, sprites_info: dict) -> None:
-    """Resuming into a folder made from another recipe or bank would mix datasets: refuse."""
+    """Resuming into a folder made from another recipe or bank would mix datasets: refuse.
+
+    The record of what made a folder's scenes (.compose.json) is written before the first scene; scenes
+    without it (copied, or the record deleted) cannot be checked, so they are refused too rather than
+    counted as done."""
     marker = out / ".compose.json"
     mine = {"recipe": recipe, "sprites": sprites_info.get("id")}
     if marker.exists():
@@ -310,6 +322,9 @@ def _guard_same_recipe(out: Path, recipe: dict, sprites_info: dict) -> None:
         if theirs != json.loads(json.dumps(mine)):
             raise BloodcellsError(f"{out}: already holds scenes from another recipe, seed or sprite bank; "
                                   "choose a new --out or delete that folder")
+    elif _holds_scenes(out):
+        raise BloodcellsError(f"{out}: holds scenes but no record of the recipe, seed and sprites that made them "
+                              f"({marker.name}); compose into a new --out, or delete that folder")
     else:
         write_json(marker, mine)
 

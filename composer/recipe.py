@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from .optics import resolve_optics
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 OBJECT_CLASSES = ("eosinophil", "basophil", "neutrophil", "lymphocyte", "monocyte", "thrombocyte", "platelet_clump")
 KINDS = ("healthy", "infected", "mixed")
+# a recipe's name is the default output folder (data/<name>): a plain file name, never a path
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 DEFAULTS: dict[str, Any] = {
     "name": "custom",
@@ -106,6 +109,23 @@ def _check(user: dict, ref: dict, path: str, where: str) -> None:
                 raise BloodcellsError(f"{where}: '{path}{k}' must be a number >= 0, got {v!r}")
 
 
+def _first_non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """(key path, value) of the first NaN or infinite number anywhere in a recipe (YAML .nan / .inf), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path.rstrip("."), value
+    if isinstance(value, dict):
+        items = ((f"{path}{k}.", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path.rstrip('.')}[{i}].", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, v in items:
+        found = _first_non_finite(v, sub)
+        if found is not None:
+            return found
+    return None
+
+
 def _brief(d: dict) -> str:
     return "{" + ", ".join(f"{k}: ..." for k in list(d)[:3]) + "}"
 
@@ -135,11 +155,14 @@ def _read_user(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise BloodcellsError(f"{path}: 'base:' recipes form a cycle ({' -> '.join(p.name for p in seen)} -> "
                               f"{path.name}); remove one of the base: lines")
     try:
-        user = yaml.safe_load(path.read_text()) or {}
+        user = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise BloodcellsError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if user is None or user == {}:
+        raise BloodcellsError(f"{path}: the recipe is empty; give at least its scenes (e.g. scenes: {{train: 100, "
+                              "val: 10, test: 10}), or start from one in recipes/ such as tiny.yaml")
     if not isinstance(user, dict):
         raise BloodcellsError(f"{path}: a recipe must be a mapping of keys (seed:, scenes:, ...)")
     base = user.pop("base", None)
@@ -160,11 +183,16 @@ def load_recipe(name: str | Path, overrides: dict | None = None) -> dict:
 
 
 def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
+    bad = _first_non_finite(user)
+    if bad is not None:
+        raise BloodcellsError(f"{where}: '{bad[0]}' is {bad[1]}; every number in a recipe must be finite")
     _check(user, DEFAULTS, "", where)
     r = _merge(DEFAULTS, user)
-    r.setdefault("name", stem)
-    if user.get("name") is None:
-        r["name"] = stem
+    if user.get("name") is None:  # named after the file, made a plain folder name
+        r["name"] = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".") or "custom"
+    elif not isinstance(r["name"], str) or not SAFE_NAME.fullmatch(r["name"]):
+        raise BloodcellsError(f"{where}: name {r['name']!r} must be a plain folder name (letters, digits, '_', '.', "
+                              "'-'; no '/'), since it names the default output folder data/<name>; e.g. name: my-set")
     w = r["objects"]["weights"]
     if not isinstance(w, dict):
         raise BloodcellsError(f"{where}: 'objects.weights' must map class names to numbers")

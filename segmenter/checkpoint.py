@@ -3,7 +3,9 @@ model card (segmenter/card.py) beside it."""
 from __future__ import annotations
 
 import io
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,6 +90,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, mean: Sequence[float], s
     write_card(path, payload, bare)
 
 
+def _first_sentence(e: BaseException) -> str:
+    """The error's type and the first sentence of its message, never cut inside a sentence."""
+    text = " ".join(str(e).split())
+    head = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(e).__name__}: {head}" if head else type(e).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by save_checkpoint onto the CPU; a missing or corrupt file is a BloodcellsError."""
     path = Path(path)
@@ -95,11 +104,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BloodcellsError(f"{path}: is a folder; pass a checkpoint file such as {path / 'best.pt'}")
     if not path.is_file():
         raise BloodcellsError(f"{path}: no such checkpoint; train one with 'cli train' or check the path")
+    if path.stat().st_size == 0:
+        raise BloodcellsError(f"{path}: empty file (0 bytes), not a checkpoint; use another one or train again")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise BloodcellsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              "it may be truncated or not a .pt file, use another one or train again") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and unsafe:
+            raise BloodcellsError(f"{path}: holds Python objects ({unsafe.group(1)}) besides weights and plain data, "
+                                  "which are not loaded because loading them could run code; use a checkpoint "
+                                  "written by 'cli train'") from None
+        unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = f"UnpicklingError: {unpickler.group(1).strip()}" if unpickler else _first_sentence(e)
+        raise BloodcellsError(f"{path}: not a readable checkpoint ({reason}); it may be truncated or not a .pt file, "
+                              "use another one or train again") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
         raise BloodcellsError(f"{path}: not a bloodcells checkpoint (format {FORMAT}); train one with 'cli train'")
     names = [c["name"] for c in payload.get("classes", [])]
@@ -115,7 +133,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         model = create_model(**payload["config"])
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, KeyError) as e:
-        raise BloodcellsError(f"{path}: weights do not fit architecture {payload.get('config')} ({e}); "
+        raise BloodcellsError(f"{path}: weights do not fit architecture {payload.get('config')} ({_first_sentence(e)}); "
                               "the file is damaged or from another version") from None
     model.to(device).eval()
     meta = {"config": payload["config"], "classes": payload["classes"], **payload["normalization"],

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.errors import check_out_folder
 from bloodcells.formats import json_safe, read_json, scene_paths, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.card import SYNTHETIC, record_evaluation
@@ -107,6 +108,7 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
 
     instances: also score one object per cell against the scenes' instance maps (AP, PQ, count error; see
     segmenter/instance_metrics.py), decoding cells as prediction does; single-process runs only."""
+    out = check_out_folder(out if out is not None else default_out(model_path, split))
     runtime = make_runtime(precision, device)
     scorer: InstanceScorer | None = None
     try:
@@ -123,7 +125,6 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
     finally:
         leave_process_group(runtime)
     counts = cm.matrix()
-    out = Path(out) if out is not None else default_out(model_path, split)
     result: dict[str, Any] = {"model": str(model_path), "data": str(data), "split": split, "images": len(dataset),
                               "precision": runtime.precision, **metrics_from_confusion(counts),
                               "table": class_table(counts), "confusion": counts.tolist(), "out": str(out)}

@@ -303,37 +303,98 @@ def symmetry_scores(signal: np.ndarray, radii: np.ndarray, spread: float = 0.12)
     return scores
 
 
-def estimate_rbc_diameter(image: np.ndarray, max_pixels: int = 1_500_000) -> float:
-    """Typical RBC diameter in px: the radius at which cell outlines are most circular (radial-symmetry votes).
+# The estimate looks at reduced copies: about FIRST_LOOK_PIXELS (250x250) first, which resolves the RBCs of
+# common smears (BCCD's 90 px cells become 40 px there) at a small fraction of a prediction's cost; closer only
+# where the cells are small.
+FIRST_LOOK_PIXELS = 62_500
+RESOLVED_PX = 16.0  # cells this wide (working px) are measured well; smaller ones are looked at closer
+SHARP_PX = 32.0  # a cell seen smaller than this is measured again where it is about this wide
+RADIUS_STEP = 1.05  # candidate radii are 5% apart, in the end
+COARSE_STEP = 1.10  # and 10% apart in the first look over all sizes
+BAND = 1.3  # a closer look covers radii within this factor of the sizes in question
 
-    Touching and overlapping cells keep their exposed arcs, which still vote for their own centres, so the
-    estimate holds on dense smears where thresholding and watershed splitting merge cells. Each radius's
-    score is weighted by r (an object's weight grows with its size, so specks and noise do not win by
-    numbers; the weight is a power of r, so the peak still moves exactly with a rescale). Images above
-    `max_pixels` are measured shrunk and the result scaled back. Raises BloodcellsError when no cell
-    outline is found.
-    """
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got {image.shape}")
-    h, w = image.shape[:2]
-    shrink = min(1.0, math.sqrt(max_pixels / float(h * w)))
-    img = resize_image(image, shrink) if shrink < 1 else image
-    signal = cell_signal(img)
-    short = min(signal.shape)
-    hi = short / 3.0
-    if hi <= 3.0:
-        raise BloodcellsError(f"image of {w}x{h} px is too small to estimate the cell size; pass --scale FACTOR")
-    radii = np.geomspace(3.0, hi, max(8, int(math.log(hi / 3.0) / math.log(1.05)) + 1))
-    scores = symmetry_scores(signal, radii) * radii
-    if not np.any(scores > 0):
-        raise BloodcellsError("found no cell outlines to estimate the RBC size (blank image?); pass --scale FACTOR")
-    k = int(np.argmax(scores))
+
+@dataclass
+class _Look:
+    """The radial-symmetry scores of one working size, summed up (diameters in that size's px)."""
+
+    diameter: float  # at the best score, refined between grid points
+    at_smallest: bool  # whether the best score is at the smallest radius looked at
+    best_peak: float | None  # the best local maximum inside the range of radii, if any
+
+
+def _refined_radius(scores: np.ndarray, radii: np.ndarray, k: int) -> float:
+    """radii[k], moved between grid points by a parabola through the log scores around it (a proper maximum)."""
     offset = 0.0
     if 0 < k < len(radii) - 1 and np.all(scores[k - 1:k + 2] > 0):
         y0, y1, y2 = np.log(scores[k - 1:k + 2])
         den = y0 - 2 * y1 + y2
-        if den < 0:  # a proper maximum: refine between grid points with a parabola in log-log
+        if den < 0:
             offset = float(np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5))
     step = math.log(radii[1] / radii[0])
-    radius = math.exp(math.log(radii[k]) + offset * step)
-    return 2.0 * radius / shrink
+    return math.exp(math.log(radii[k]) + offset * step)
+
+
+def _look(signal: np.ndarray, lo: float, hi: float, step: float = RADIUS_STEP) -> _Look | None:
+    """Score radii lo..hi (working px, at most a third of the short side) `step` apart on a cell signal."""
+    hi = min(hi, min(signal.shape) / 3.0)
+    if hi <= lo * step:
+        return None
+    radii = np.geomspace(lo, hi, max(8, int(math.log(hi / lo) / math.log(step)) + 1))
+    # each radius's score is weighted by r: an object's weight grows with its size, so specks and noise do not
+    # win by numbers; the weight is a power of r, so the peak still moves exactly with a rescale
+    scores = symmetry_scores(signal, radii) * radii
+    if not np.any(scores > 0):
+        return None
+    k = int(np.argmax(scores))
+    peaks = [i for i in range(1, len(radii) - 1)
+             if scores[i] > 0 and scores[i] >= scores[i - 1] and scores[i] >= scores[i + 1]]
+    best = max(peaks, key=lambda i: scores[i]) if peaks else None
+    return _Look(2.0 * _refined_radius(scores, radii, k), k == 0,
+                 None if best is None else 2.0 * _refined_radius(scores, radii, best))
+
+
+def estimate_rbc_diameter(image: np.ndarray) -> float:
+    """Typical RBC diameter in px: the radius at which cell outlines are most circular (radial-symmetry votes).
+
+    Touching and overlapping cells keep their exposed arcs, which still vote for their own centres, so the
+    estimate holds on dense smears where thresholding and watershed splitting merge cells. The scores are
+    scale-free, so the image is measured reduced to about FIRST_LOOK_PIXELS and the result scaled back; when
+    the best score there is at the smallest radius (cells too small to see, or specks), the sizes below the
+    best peak are looked at 2.5x closer, and a cell seen under SHARP_PX wide is measured again, near that
+    size, where it is about SHARP_PX wide. Raises BloodcellsError when no cell outline is found.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    shrink = min(1.0, math.sqrt(FIRST_LOOK_PIXELS / float(h * w)))
+    if min(h, w) * shrink / 3.0 <= 3.0:
+        raise BloodcellsError(f"image of {w}x{h} px is too small to estimate the cell size; pass --scale FACTOR")
+    signals: dict[float, np.ndarray] = {}
+
+    def signal(at: float) -> np.ndarray:
+        if at not in signals:
+            signals[at] = cell_signal(resize_image(image, at) if at < 1 else image)
+        return signals[at]
+
+    first = _look(signal(shrink), 3.0, math.inf, COARSE_STEP)
+    if first is None:
+        raise BloodcellsError("found no cell outlines to estimate the RBC size (blank image?); pass --scale FACTOR")
+    diameter, at = first.diameter, shrink
+    if first.at_smallest and shrink < 1:
+        closer = min(1.0, 2.5 * shrink)
+        reach = max(RESOLVED_PX, first.best_peak or 0.0) / 2.0 * BAND * closer / shrink
+        second = _look(signal(closer), 3.0, reach)
+        if second is not None and (not second.at_smallest or first.best_peak is None):
+            diameter, at = second.diameter, closer
+        elif second is not None:  # specks at every size: the cells are the best peak of the first look
+            diameter = first.best_peak  # type: ignore[assignment]
+    diameter /= at
+    # measure finely near that size: where the cells are about SHARP_PX wide if they were seen smaller
+    sharp = min(1.0, SHARP_PX / diameter)
+    sharp = sharp if sharp > 1.25 * at else at
+    radius = diameter * sharp / 2.0
+    fine = _look(signal(sharp), radius / BAND, radius * BAND)
+    if fine is not None and not fine.at_smallest:
+        diameter = fine.diameter / sharp
+    return diameter

@@ -6,15 +6,21 @@ Output contract (../shared/DESIGN.md, "Prediction output"), per input image with
   DIR/counts.csv        one row per image: image (= <stem>), scale (the factor used), one column per class
                         name in class-table order (background is always 0)
   DIR/sources.json      stem -> source file: a re-run gives each input the stem it had before
+  DIR/.predict/<stem>.json  what made the stem's outputs (checkpoint digest, scale, options), its counts row
+                        and its files; written last, so it marks the stem done
 Stems are the file stems; a stem already taken gets its folder's name in front (<folder>_<stem>), then
--2, -3 ... Every file is written atomically; a re-run skips inputs whose outputs exist unless `force`.
+-2, -3 ... Every file is written atomically; a re-run skips inputs done with the same checkpoint, scale and
+options (and predicts again those done otherwise) unless `force`. counts.csv is merged from the records at the
+end of a run (also an interrupted one), so it costs one write per run, not one per image.
 """
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize
-from bloodcells.errors import BloodcellsError
-from bloodcells.formats import write_json
+from bloodcells.errors import BloodcellsError, check_out_folder
+from bloodcells.formats import json_safe, write_json
 from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, count_cells, resolve_areas
@@ -35,6 +41,7 @@ from bloodcells.segmenter.runtime import pick_device
 
 COUNTS_HEADER = ("image", "scale", *NAMES)
 SOURCES = "sources.json"  # stem -> source file, so that a re-run gives every input the same stem
+RECORDS = ".predict"  # <stem>.json per input done: the settings that made its outputs, its counts row, its files
 GLOB_CHARS = set("*?[")
 
 
@@ -172,6 +179,75 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
     return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction)
 
 
+def output_files(stem: str) -> list[str]:
+    """The files one input's prediction writes into the output folder; it is done only when all of them exist."""
+    return [f"{stem}.png", f"{stem}_color.png"]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (a checkpoint: same digest, same weights and settings)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settings_key(model_path: str | Path, predictor: Predictor, factor: float | None) -> dict[str, Any]:
+    """What decides an input's maps and counts: the checkpoint's bytes, the scale and the options that change them.
+
+    Precision, device and batch only change speed (maps agree within rounding), so they are left out."""
+    key = {"model": file_digest(model_path), "scale": "auto" if factor is None else factor, "tile": predictor.tile,
+           "overlap": predictor.overlap, "balance": predictor.balance, "cell_area": predictor.areas}
+    return json.loads(json.dumps(json_safe(key)))  # as read back from a record
+
+
+def read_record(out: Path, stem: str) -> dict[str, Any] | None:
+    """A stem's done-record, or None when missing or unreadable."""
+    try:
+        record = json.loads((out / RECORDS / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_done(out: Path, stem: str, key: dict[str, Any]) -> bool:
+    """Whether a stem was predicted with these settings and all the files this version writes for it are there."""
+    record = read_record(out, stem)
+    return (record is not None and record.get("key") == key
+            and all((out / name).is_file() for name in output_files(stem)))
+
+
+class CountsTable:
+    """counts.csv: merged from the stems' records when a run starts (which also brings in what an interrupted run
+    did), then kept in memory and rewritten atomically at most every `every` seconds and at the end, not after
+    every image, which made a folder of thousands of smears quadratic. Each image has one row."""
+
+    def __init__(self, out: Path, order: Sequence[str], every: float = 30.0) -> None:
+        self.path, self.every = out / "counts.csv", every
+        self.rows: dict[str, dict[str, Any]] = dict(read_counts(self.path))  # rows of versions without records
+        folder = out / RECORDS
+        records = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        for stem in dict.fromkeys([*order, *records]):
+            record = read_record(out, stem)
+            if record is not None and isinstance(record.get("row"), dict):
+                self.rows[stem] = record["row"]
+        self.write()
+
+    def add(self, stem: str, row: dict[str, Any]) -> None:
+        """Set an image's row; the file follows when `every` seconds have passed since it was last written."""
+        self.rows[stem] = row
+        if time.monotonic() - self.written >= self.every:
+            self.write()
+
+    def write(self) -> dict[str, dict[str, Any]]:
+        """Write counts.csv atomically now; returns the rows by stem."""
+        if self.rows or self.path.exists():
+            write_bytes_atomic(self.path, counts_csv(list(self.rows.values())).encode())
+        self.written = time.monotonic()
+        return self.rows
+
+
 @dataclass
 class RunSummary:
     """What a predict run did."""
@@ -194,23 +270,24 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
                   progress: bool = True, balance: bool = False) -> RunSummary:
     """Predict every input into `out` (maps, colour maps, counts.csv); unreadable inputs are skipped and listed."""
-    out = Path(out)
+    out = check_out_folder(out)
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
     summary = RunSummary(out, failed=list(problems), areas_source=predictor.areas_source)
-    counts_path, sources_path = out / "counts.csv", out / SOURCES
-    rows = read_counts(counts_path)
+    sources_path = out / SOURCES
+    key = settings_key(model_path, predictor, factor)
     known = read_sources(sources_path)
     stems = output_stems(paths, known)
     for stem, path in zip(stems, paths):
         known[stem] = str(path.resolve())
     if paths:
         write_json(sources_path, known)
+    table = CountsTable(out, stems)
     for path, stem in tqdm(list(zip(paths, stems)), desc="predict", unit="img", disable=not progress):
-        if not force and stem in rows and (out / f"{stem}.png").is_file() and (out / f"{stem}_color.png").is_file():
+        if not force and is_done(out, stem, key):
             summary.resumed.append(stem)
             continue
         try:
@@ -223,9 +300,12 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
         counts = count_cells(pred.model_labels, predictor.areas)
         write_png(out / f"{stem}.png", pred.labels)
         write_png(out / f"{stem}_color.png", colorize(pred.labels))
-        rows[stem] = {"image": stem, "scale": format_scale(pred.scale), **counts}
-        write_bytes_atomic(counts_path, counts_csv(list(rows.values())).encode())
+        row = {"image": stem, "scale": format_scale(pred.scale), **counts}
+        write_json(out / RECORDS / f"{stem}.json", {"key": key, "source": str(path.resolve()), "row": row,
+                                                    "outputs": output_files(stem)})
+        table.add(stem, row)
         summary.done.append(stem)
+    rows = table.write()
     summary.totals = {n: sum(int(rows[s].get(n, 0) or 0) for s in summary.done + summary.resumed if s in rows)
                       for n in NAMES[1:]}
     return summary

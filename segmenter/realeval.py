@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bloodcells.classes import CLASSES, GROUPS, NAMES, NUM_CLASSES, index_of
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import (AnnotatedImage, Box, SubtypeTable, detect_box_layout, read_boxes, read_wbc_subtypes,
                                 write_json)
 from bloodcells.imageio import read_rgb
@@ -115,6 +115,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
     the scores to the model card beside the checkpoint."""
     if not 0.0 < iou <= 1.0:
         raise BloodcellsError(f"--iou {iou}: must be above 0 and at most 1, e.g. 0.3")
+    out = check_out_folder(out if out is not None else Path(model_path).parent / f"{Path(model_path).stem}-real-{split}")
     factor = parse_scale(scale)
     layout = detect_box_layout(root) if layout == "auto" else layout
     images: list[AnnotatedImage] = read_boxes(root, layout, split)
@@ -158,7 +159,6 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
                   **rates(totals[g]["tp"], totals[g]["fp"], totals[g]["fn"])} for g in GROUP_NAMES}
     correct = sum(p == t for p, t in sub_pairs)
     confusion = Counter(f"{t}->{p}" for p, t in sub_pairs)
-    out = Path(out) if out is not None else Path(model_path).parent / f"{Path(model_path).stem}-real-{split}"
     result: dict[str, Any] = {
         "model": str(model_path), "root": str(root), "layout": layout, "split": split,
         "images": len(per_image), "failed": failed,

@@ -35,9 +35,17 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' is this process's GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BloodcellsError(f"--device {device}: unknown device; use auto, cpu, cuda or cuda:N (N a GPU number)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BloodcellsError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BloodcellsError(f"--device {device}: there are only {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of them")
     return dev
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES
-from bloodcells.errors import BloodcellsError
+from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import DatasetInfo, json_safe
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.charts import training_curves
@@ -108,6 +108,7 @@ class TrainConfig:
         """Reject values that cannot work, naming the flag."""
         if self.data is None:
             raise BloodcellsError("no dataset: pass --data DIR (a composed dataset) or --resume RUN_DIR")
+        check_out_folder(self.out)
         for name in ("epochs", "batch_size", "width"):
             if getattr(self, name) < 1:
                 raise BloodcellsError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
@@ -127,13 +128,28 @@ class TrainConfig:
             raise BloodcellsError(f"--milestones must be epochs >= 1; got {list(self.milestones)}")
 
 
+RUN_FILES = ("last.pt", "last.json", "best.pt", "best.json", "history.csv", "curves.png")
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder that --resume names: the folder itself, or the folder of the last.pt given instead."""
+    p = Path(path)
+    if p.suffix == ".pt" or p.is_file():
+        if p.name != "last.pt":
+            raise BloodcellsError(f"{p}: --resume takes a run folder or its last.pt (the resumable state), "
+                                  f"e.g. --resume {p.parent}")
+        return p.parent
+    return p
+
+
 def last_checkpoint(run_dir: str | Path) -> Path:
-    """The resumable checkpoint of a run folder."""
-    return Path(run_dir) / "last.pt"
+    """The resumable checkpoint of a run folder (or of the run whose last.pt is given)."""
+    return run_folder(run_dir) / "last.pt"
 
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     """The saved config of a run, with overrides that are not None; writes go to run_dir unless `out` is given."""
+    run_dir = run_folder(run_dir)
     payload = load_checkpoint(last_checkpoint(run_dir))
     if not payload.get("training"):
         raise BloodcellsError(f"{last_checkpoint(run_dir)}: holds no training state; it cannot be resumed")
@@ -141,6 +157,56 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     # the time budget belongs to one invocation: a resumed run gets only the one it is given
     saved = {**payload["training"]["config"], "max_minutes": None}
     return TrainConfig.from_dict({**saved, "out": str(run_dir), **given, "resume": str(run_dir)})
+
+
+def _differences(saved: TrainConfig, new: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(setting, saved value, new value) for every setting that changes a run's results (the dataset included)."""
+    diffs = []
+    for f in dataclasses.fields(TrainConfig):
+        old, value = getattr(saved, f.name), getattr(new, f.name)
+        if f.name == "data":
+            if old is not None and value is not None and Path(old).resolve() != Path(value).resolve():
+                diffs.append((f.name, old, value))
+        elif f.name not in TrainConfig.ADJUSTABLE and old != value:
+            diffs.append((f.name, old, value))
+    return diffs
+
+
+def continue_or_start(config: TrainConfig, force: bool = False) -> TrainConfig:
+    """What to run when `out` may already hold a run and no --resume was given.
+
+    The same settings resume that run (re-running a command continues it); other settings are refused, so
+    that a finished or interrupted run is never overwritten by accident; `force` starts over there.
+    """
+    out = Path(config.out)
+    if config.resume is not None:
+        if force:
+            raise BloodcellsError("--force starts a new run and --resume continues one; pass only one of them")
+        return config
+    held = [name for name in ("last.pt", "best.pt") if (out / name).is_file()]
+    if force or not held:
+        return config
+    start_over = f"pass --force to start a new run in {out}, or choose another --out"
+    if "last.pt" not in held:
+        raise BloodcellsError(f"{out}: holds a run's best.pt but no last.pt to resume it from; {start_over}")
+    try:
+        payload = load_checkpoint(out / "last.pt")
+    except BloodcellsError as e:
+        raise BloodcellsError(f"{e}; or {start_over}") from None
+    if not payload.get("training"):
+        raise BloodcellsError(f"{out / 'last.pt'}: holds no training state to resume; {start_over}")
+    diffs = _differences(TrainConfig.from_dict(payload["training"]["config"]), config)
+    if diffs:
+        name, old, new = diffs[0]
+        raise BloodcellsError(f"{out}: holds a run trained with {name}={old!r}, not {new!r}; re-run that run's "
+                              f"command (or 'cli train --resume {out}') to continue it, or {start_over}")
+    return dataclasses.replace(config, resume=str(out))
+
+
+def clear_run(out: Path) -> None:
+    """Remove the files of a run in `out` (starting over there must not leave a best.pt of the old run)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 class StopRequests:
@@ -462,12 +528,16 @@ class _Run:
         summary.update({"out": str(self.out), "best_path": str(self.out / "best.pt"),
                         "last_path": str(self.out / "last.pt"), "seconds": round(time.monotonic() - started, 3),
                         "images_per_s": round(self.images_seen / self.train_seconds, 3) if self.train_seconds else None,
-                        "state_digest": state_digest(self.model), "rank": rt.rank})
+                        "state_digest": state_digest(self.model), "rank": rt.rank,
+                        "resumed": cfg.resume is not None})
         return summary
 
 
-def train(config: TrainConfig, step_hook: StepHook | None = None) -> dict[str, Any]:
-    """Train (or resume, with config.resume) a model; returns a summary (best, history, stop reason, speed)."""
+def train(config: TrainConfig, step_hook: StepHook | None = None, force: bool = False) -> dict[str, Any]:
+    """Train (or resume, with config.resume) a model; returns a summary (best, history, stop reason, speed).
+
+    When config.out already holds a run, the same settings resume it, other settings are refused, and
+    `force` starts over there."""
     # Writes best.pt / last.pt with best.json / last.json, history.csv and curves.png into
     # config.out (rank 0 only under torchrun). A time budget or SIGINT/SIGTERM stops after the
     # step in progress with last.pt saved, from which a resume continues exactly; an
@@ -475,13 +545,18 @@ def train(config: TrainConfig, step_hook: StepHook | None = None) -> dict[str, A
     config.check()
     if config.instance == "auto":
         config.instance = DEFAULT_INSTANCE if DatasetInfo.read(config.data).has_instances else None  # type: ignore[arg-type]
+    fresh = config.resume is None
+    config = continue_or_start(config, force)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     runtime = make_runtime(config.precision, config.device)
     try:
         with StopRequests() as stop:
-            return _Run(config, runtime, stop, step_hook).run()
+            run = _Run(config, runtime, stop, step_hook)
+            if force and fresh and runtime.is_main:  # only once the new run could be set up
+                clear_run(Path(config.out))
+            return run.run()
     finally:
         leave_process_group(runtime)
         torch.set_num_threads(threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -243,6 +244,44 @@ def test_refuses_to_mix_recipes_in_one_folder(builtin, tiny_set):
     other = validate({**TINY, "seed": 7})
     with pytest.raises(BloodcellsError, match="another recipe, seed or sprite bank"):
         compose(other, pools, tiny_set, info, workers=1, progress=False)
+
+
+def test_refuses_scenes_copied_without_their_recipe_record(builtin, tiny_set, tmp_path):
+    r, pools, info = builtin
+    copy = tmp_path / "copy"
+    for split in ("train", "val", "test"):
+        shutil.copytree(tiny_set / split, copy / split)  # the scenes, not the hidden .compose.json
+    other = validate({**TINY, "seed": 7})
+    with pytest.raises(BloodcellsError, match="holds scenes but no record of the recipe"):
+        compose(other, pools, copy, info, workers=1, progress=False)
+    assert not (copy / "dataset.json").exists() and not (copy / ".compose.json").exists()
+    shutil.rmtree(copy / "train")  # one split's scenes are enough to refuse, also for the same recipe
+    shutil.rmtree(copy / "test")
+    with pytest.raises(BloodcellsError, match="holds scenes but no record"):
+        compose(r, pools, copy, info, workers=1, progress=False)
+
+
+def test_recipe_rejects_unsafe_names_non_finite_numbers_and_empty_files(tmp_path):
+    for name in ("../../x", "/abs", "a/b", "..", ".hidden", 123):
+        with pytest.raises(BloodcellsError, match="must be a plain folder name"):
+            validate({**TINY, "name": name})
+    assert validate({**TINY, "name": "my-set_2.1"})["name"] == "my-set_2.1"
+    odd = tmp_path / "my recipe (v2).yaml"
+    odd.write_text("scenes: {train: 1, val: 0, test: 0}\n")
+    assert load_recipe(odd)["name"] == "my_recipe__v2_"  # named after the file, as a plain folder name
+    for text, key in (("canvas: {density: .nan}", "canvas.density' is nan"),
+                      ("canvas: {density: .inf}", "canvas.density' is inf"),
+                      ("look: {blur: [0, -.inf]}", r"look.blur\[1\]' is -inf"),
+                      ("look: {plasma: [[236, 222, .nan]]}", r"look.plasma\[0\]\[2\]' is nan"),
+                      ("objects: {weights: {basophil: .inf}}", "objects.weights.basophil' is inf")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        with pytest.raises(BloodcellsError, match=key):
+            load_recipe(bad)
+    for text in ("", "# only a comment\n", "{}\n"):
+        bad.write_text(text)
+        with pytest.raises(BloodcellsError, match="bad.yaml: the recipe is empty"):
+            load_recipe(bad)
 
 
 def test_cli_compose_and_show(tmp_path):

@@ -156,6 +156,28 @@ def test_auto_scale_on_real_bccd_smears_is_near_the_box_size(datasets) -> None:
         assert 0.65 < d / np.median(sides) < 1.25, (im.path.name, d, np.median(sides))
 
 
+def test_auto_scale_measures_large_smears_on_reduced_copies(scenes, monkeypatch) -> None:
+    import bloodcells.segmenter.infer as infer
+
+    from bloodcells.composer.dataset import Composer, sprite_pools
+    from bloodcells.composer.recipe import validate
+
+    # a 40x smear larger than the first look (RBCs of 37 px become small there) and the same smear enlarged 2.5x
+    recipe = validate({"scene_size": 640, "canvas": {"size": 640, "windows": 1}, "builtin_per_class": 6,
+                       "scenes": {"train": 1, "val": 0, "test": 0}})
+    smear = Composer(recipe, "train", sprite_pools(None, recipe)[0]["train"]).scene(0)[0][:480]
+    seen: list[int] = []
+    signal = infer.cell_signal
+    monkeypatch.setattr(infer, "cell_signal", lambda img: seen.append(img.shape[0] * img.shape[1]) or signal(img))
+    d = estimate_rbc_diameter(smear)
+    assert 37 * 0.9 < d < 37 * 1.1
+    seen.clear()
+    big = resize_image(smear, 2.5)
+    assert abs(estimate_rbc_diameter(big) / d / 2.5 - 1) < 0.05
+    # the enlarged smear's cells are large enough to be measured on copies of a fraction of its pixels
+    assert seen and max(seen) < 0.2 * big.shape[0] * big.shape[1]
+
+
 def test_scale_parsing_and_labels_at_input_size() -> None:
     assert parse_scale("auto") is None and parse_scale("0.36") == pytest.approx(0.36)
     for bad in ("0", "-1", "abc", "nan"):
@@ -262,6 +284,89 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
     assert len(rows) == 3 and rows["big"]["scale"] == "0.5000"
     assert read_gray(out / "big.png").shape == (230, 410)
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def _counts_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "counts.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_redoes_inputs_done_with_another_model_scale_or_options(checkpoint, tmp_path) -> None:
+    from bloodcells.segmenter.predict import predict_files
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in"
+    for i in range(2):
+        write_png(src / f"s{i}.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    out = tmp_path / "preds"
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"  # another model: same architecture and path length, other weights
+    save_checkpoint(other, create_model("unet", width=4), [0.7, 0.6, 0.6], [0.2, 0.2, 0.2], meta={})
+    go = dict(precision="fp32", progress=False)
+
+    first = predict_files(checkpoint, [src], out, **go)
+    assert sorted(first.done) == ["s0", "s1"] and not first.resumed
+    maps = {s: read_gray(out / f"{s}.png") for s in ("s0", "s1")}
+    assert sorted(predict_files(checkpoint, [src], out, **go).resumed) == ["s0", "s1"]
+    # another checkpoint, scale or option: every input is predicted again and counts.csv follows
+    assert sorted(predict_files(other, [src], out, **go).done) == ["s0", "s1"]
+    assert any(not np.array_equal(read_gray(out / f"{s}.png"), maps[s]) for s in maps)
+    assert sorted(predict_files(other, [src], out, scale="0.5", **go).done) == ["s0", "s1"]
+    rows = _counts_rows(out)
+    assert sorted(r["image"] for r in rows) == ["s0", "s1"] and {r["scale"] for r in rows} == {"0.5000"}
+    assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, **go).done) == ["s0", "s1"]
+    assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go).done) == ["s0", "s1"]
+    again = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
+    assert not again.done and sorted(again.resumed) == ["s0", "s1"]
+    # a missing output file of one input makes only that input be predicted again
+    (out / "s1_color.png").unlink()
+    s = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
+    assert s.done == ["s1"] and s.resumed == ["s0"]
+    assert sorted(r["image"] for r in _counts_rows(out)) == ["s0", "s1"]
+
+
+def test_counts_csv_is_written_per_run_not_per_image_and_survives_interruption(checkpoint, tmp_path,
+                                                                               monkeypatch) -> None:
+    import bloodcells.segmenter.predict as pred_mod
+
+    rng = np.random.default_rng(6)
+    src = tmp_path / "in"
+    for i in range(5):
+        write_png(src / f"s{i}.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "preds"
+    writes = []
+    atomic = pred_mod.write_bytes_atomic
+
+    def counting(path, data):
+        if Path(path).name == "counts.csv":
+            writes.append(data.decode())
+        atomic(path, data)
+
+    monkeypatch.setattr(pred_mod, "write_bytes_atomic", counting)
+    pred_mod.predict_files(checkpoint, [src], out, precision="fp32", progress=False)
+    assert len(writes) <= 2  # once when the run starts (merging earlier records) and once at its end
+    assert sorted(r["image"] for r in _counts_rows(out)) == [f"s{i}" for i in range(5)]
+
+    # interrupted after two of five images of a new output folder
+    calls = []
+    counting_cells = pred_mod.count_cells
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return counting_cells(*args, **kwargs)
+
+    monkeypatch.setattr(pred_mod, "count_cells", interrupt)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
+    monkeypatch.setattr(pred_mod, "count_cells", counting_cells)
+    s = pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
+    assert sorted(s.resumed) == ["s0", "s1"] and sorted(s.done) == ["s2", "s3", "s4"]
+    rows = _counts_rows(cut)
+    assert [r["image"] for r in rows] == [f"s{i}" for i in range(5)]  # each image once, in input order
+    assert rows == _counts_rows(out)  # the same table as the uninterrupted run
 
 
 def test_predict_cli_errors(checkpoint, tmp_path) -> None:

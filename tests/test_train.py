@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -199,6 +200,44 @@ def test_resume_refuses_changed_settings_and_missing_runs(data, tmp_path) -> Non
         resume_config(tmp_path / "nothing")
 
 
+def test_training_into_a_run_folder_resumes_it_refuses_other_settings_or_starts_over_with_force(data, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = train(small(data, out, epochs=1, steps_per_epoch=1))
+    assert first["resumed"] is False and first["global_step"] == 1
+    best = (out / "best.pt").read_bytes()
+    # the same command again (a longer budget of epochs) continues the run instead of starting over
+    again = train(small(data, out, epochs=2, steps_per_epoch=1))
+    assert again["resumed"] is True and again["global_step"] == 2 and len(again["history"]) == 2
+    assert again["history"][0] == first["history"][0]
+    kept = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes(), (out / "history.csv").read_bytes()
+    assert kept[1] != best  # epoch 2 improved or not: best.pt was at least rewritten by the resumed run
+    # other settings are refused and nothing in the folder changes
+    for changed, message in (({"width": 4}, "width=8, not 4"), ({"lr": 0.5}, "lr=0.01, not 0.5"),
+                             ({"data": tmp_path / "elsewhere"}, "data=")):
+        with pytest.raises(BloodcellsError, match=message):
+            train(dataclasses.replace(small(data, out, epochs=2, steps_per_epoch=1), **changed))
+    assert ((out / "last.pt").read_bytes(), (out / "best.pt").read_bytes(),
+            (out / "history.csv").read_bytes()) == kept
+    # --force starts a new run there, and no file of the old run survives (stopped before its first
+    # validation, the new run has no best.pt yet)
+    fresh = train(small(data, out, epochs=1, steps_per_epoch=2, width=4, max_minutes=1e-6), force=True)
+    assert fresh["resumed"] is False and fresh["global_step"] == 1 and fresh["stopped"] == "time budget"
+    assert sorted(p.name for p in out.iterdir()) == ["last.json", "last.pt"]
+    assert load_checkpoint(out / "last.pt")["config"]["width"] == 4
+    with pytest.raises(BloodcellsError, match="only one of them"):
+        train(resume_config(out), force=True)
+
+
+def test_resume_takes_a_run_folder_or_its_last_pt(data, tmp_path) -> None:
+    out = tmp_path / "run"
+    train(small(data, out, epochs=1, steps_per_epoch=1))
+    cfg = resume_config(out / "last.pt", epochs=2)
+    assert cfg.resume == str(out) and cfg.out == str(out)
+    assert train(cfg)["global_step"] == 2
+    with pytest.raises(BloodcellsError, match="a run folder or its last.pt"):
+        resume_config(out / "best.pt")
+
+
 def test_auto_precision_trains_with_bf16_where_supported(data, tmp_path) -> None:
     s = train(small(data, tmp_path / "auto", precision="auto", epochs=3))
     assert s["precision"] == ("bf16" if cpu_bf16_supported() else "fp32")
@@ -389,6 +428,9 @@ def test_cli_train_resume_evaluate(data, tmp_path) -> None:
     r = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "2", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "2/2 epochs, 4 steps" in r.output and read_json(out / "last.json")["global_step"] == 4
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--epochs", "2", *common, "--width", "8"])
+    assert isinstance(r.exception, BloodcellsError) and "width=4, not 8" in str(r.exception)
+    assert "--force" in str(r.exception) and read_json(out / "last.json")["global_step"] == 4
     r = runner.invoke(app, ["evaluate", "--model", str(out / "best.pt"), "--data", str(data), "--split", "val",
                             "--precision", "fp32"])
     assert r.exit_code == 0, r.output

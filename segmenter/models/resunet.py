@@ -5,9 +5,29 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.segmenter.models.blocks import EncoderDecoder, UpCat, init_weights, widths
+
+
+class PointwiseDown(nn.Conv2d):
+    """A 1x1 convolution with a stride, computed as subsampling then a stride-1 1x1 convolution.
+
+    Same weights and result as nn.Conv2d(in, out, 1, stride=s), but the strided 1x1 weight gradient in
+    channels_last, which crashes this CPU build of torch (heap corruption) for small channel counts, is
+    never run.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.step = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep every step-th pixel, then mix channels."""
+        if self.step > 1:
+            x = x[:, :, ::self.step, ::self.step]
+        return F.conv2d(x, self.weight, self.bias)
 
 
 class ResidualUnit(nn.Module):
@@ -30,7 +50,7 @@ class ResidualUnit(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         )
         self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+            PointwiseDown(in_channels, out_channels, stride),
             nn.BatchNorm2d(out_channels),
         )
         self.out_channels = out_channels
