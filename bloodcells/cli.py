@@ -281,6 +281,8 @@ def predict_cmd(
     batch: int = BATCH_OPTION,
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
+    tta: bool = TTA_OPTION,
+    min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop objects below this share of their class's mean cell area (specks)"),
     device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -289,7 +291,8 @@ def predict_cmd(
     from bloodcells.segmenter.predict import predict_files
 
     s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
-                      device=device, force=force, data=data, progress=progress, balance=balance)
+                      device=device, force=force, data=data, progress=progress, balance=balance, tta=tta,
+                      min_fraction=min_fraction)
     typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
@@ -306,7 +309,7 @@ def colorize_cmd(
     model: Path = typer.Option(..., "--model", help="a checkpoint, e.g. runs/unet/best.pt"),
     out: Path = typer.Option(Path("result.gif"), "--out", help="result.gif or result.mp4"),
     scale: str = typer.Option("1", "--scale", help="resize factor to 40x, or auto (estimated once per image or video)"),
-    layout: str = typer.Option("side", "--layout", help="side (image | colour map) | overlay | map"),
+    layout: str = typer.Option("side", "--layout", help="side (image | colour map) | overlay | map | outline (each cell's outline in its class colour)"),
     fps: float = typer.Option(5.0, "--fps", help="frames per second of the result (GIF: 1000/fps ms a frame)"),
     every: int = typer.Option(1, "--every", callback=at_least(1), help="video input: use every N-th frame"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", callback=at_least(1), help="stop after this many frames"),
@@ -316,6 +319,7 @@ def colorize_cmd(
     batch: int = BATCH_OPTION,
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
+    tta: bool = TTA_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -324,7 +328,7 @@ def colorize_cmd(
 
     r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
                      width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
-                     progress=progress, balance=balance)
+                     progress=progress, balance=balance, tta=tta)
     for line in r["failed"]:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "

@@ -1,10 +1,14 @@
 """Prediction runs over many inputs: expand files / folders / globs, predict, write maps and counts, resume.
 
 Output contract (../shared/DESIGN.md, "Prediction output"), per input image with output stem <stem>:
-  DIR/<stem>.png        uint8 class-index map at the input's own size
+  DIR/<stem>.png        uint8 class-index map at the input's own size (each cell's pixels take its class)
   DIR/<stem>_color.png  the colour map (class table colours)
-  DIR/counts.csv        one row per image: image (= <stem>), scale (the factor used), one column per class
-                        name in class-table order (background is always 0)
+  DIR/<stem>_instances.png  uint16 cell ids (k = row k of <stem>_cells.csv, 0 = none); a smear with more than
+                        65,535 cells gets DIR/<stem>_instances.tif (32-bit) instead
+  DIR/<stem>_cells.csv  one row per cell: id, class, area_px, cx, cy, x0, y0, x1, y1, confidence (input pixels)
+  DIR/counts.csv        one row per image: image (= <stem>), scale (the factor used), cells per class name in
+                        class-table order (background is always 0), rbc_total, parasitemia_pct (infected share
+                        of the red cells, %; empty without red cells), cells (how cells were separated)
   DIR/sources.json      stem -> source file: a re-run gives each input the stem it had before
   DIR/.predict/<stem>.json  what made the stem's outputs (checkpoint digest, scale, options), its counts row
                         and its files; written last, so it marks the stem done
@@ -27,19 +31,21 @@ from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from bloodcells.classes import NAMES, NUM_CLASSES, colorize
 from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import json_safe, write_json
-from bloodcells.imageio import IMAGE_SUFFIXES, list_images, read_rgb, write_bytes_atomic, write_png
+from bloodcells.imageio import IMAGE_SUFFIXES, encode_png, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
-from bloodcells.segmenter.count import MIN_FRACTION, count_cells, resolve_areas
+from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
 from bloodcells.segmenter.infer import Prediction, auto_scale, parse_scale, predict
+from bloodcells.segmenter.instances import CELL_COLUMNS, cell_rows, rbc_summary
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
 from bloodcells.segmenter.runtime import pick_device
 
-COUNTS_HEADER = ("image", "scale", *NAMES)
+COUNTS_HEADER = ("image", "scale", *NAMES, "rbc_total", "parasitemia_pct", "cells")
 SOURCES = "sources.json"  # stem -> source file, so that a re-run gives every input the same stem
 RECORDS = ".predict"  # <stem>.json per input done: the settings that made its outputs, its counts row, its files
 GLOB_CHARS = set("*?[")
@@ -129,8 +135,34 @@ def counts_csv(rows: Sequence[dict[str, Any]]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COUNTS_HEADER)
     for r in rows:
-        w.writerow([r["image"], r["scale"], *(r.get(n, 0) or 0 for n in NAMES)])
+        pct = r.get("parasitemia_pct")
+        w.writerow([r["image"], r["scale"], *(r.get(n, 0) or 0 for n in NAMES), r.get("rbc_total", ""),
+                    "" if pct is None else pct, r.get("cells", "")])
     return buf.getvalue()
+
+
+def cells_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """<stem>_cells.csv: one row per cell (instances.CELL_COLUMNS); a header only when there are none."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CELL_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_instances(out: Path, stem: str, instances: np.ndarray) -> str:
+    """The instance map as a 16-bit PNG, or as a 32-bit TIFF when it holds more cells than 16 bits can number;
+    returns the file name written (the other one, left by an earlier run, is removed)."""
+    png, tif = out / f"{stem}_instances.png", out / f"{stem}_instances.tif"
+    if int(instances.max(initial=0)) <= np.iinfo(np.uint16).max:
+        write_bytes_atomic(png, encode_png(instances.astype(np.uint16), level=1, png_filter="none"))
+        tif.unlink(missing_ok=True)
+        return png.name
+    buf = io.BytesIO()
+    Image.fromarray(instances.astype(np.int32), mode="I").save(buf, format="TIFF", compression="tiff_deflate")
+    write_bytes_atomic(tif, buf.getvalue())
+    png.unlink(missing_ok=True)
+    return tif.name
 
 
 def format_scale(factor: float) -> str:
@@ -179,9 +211,9 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
     return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction)
 
 
-def output_files(stem: str) -> list[str]:
+def output_files(stem: str, instances: str | None = None) -> list[str]:
     """The files one input's prediction writes into the output folder; it is done only when all of them exist."""
-    return [f"{stem}.png", f"{stem}_color.png"]
+    return [f"{stem}.png", f"{stem}_color.png", instances or f"{stem}_instances.png", f"{stem}_cells.csv"]
 
 
 def file_digest(path: str | Path) -> str:
@@ -198,7 +230,8 @@ def settings_key(model_path: str | Path, predictor: Predictor, factor: float | N
 
     Precision, device and batch only change speed (maps agree within rounding), so they are left out."""
     key = {"model": file_digest(model_path), "scale": "auto" if factor is None else factor, "tile": predictor.tile,
-           "overlap": predictor.overlap, "balance": predictor.balance, "cell_area": predictor.areas}
+           "overlap": predictor.overlap, "balance": predictor.balance, "cell_area": predictor.areas,
+           "tta": predictor.tta, "min_fraction": predictor.min_fraction}
     return json.loads(json.dumps(json_safe(key)))  # as read back from a record
 
 
@@ -214,8 +247,11 @@ def read_record(out: Path, stem: str) -> dict[str, Any] | None:
 def is_done(out: Path, stem: str, key: dict[str, Any]) -> bool:
     """Whether a stem was predicted with these settings and all the files this version writes for it are there."""
     record = read_record(out, stem)
-    return (record is not None and record.get("key") == key
-            and all((out / name).is_file() for name in output_files(stem)))
+    if record is None or record.get("key") != key:
+        return False
+    listed = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+    instances = next((n for n in listed if n in (f"{stem}_instances.png", f"{stem}_instances.tif")), None)
+    return all((out / name).is_file() for name in output_files(stem, instances))
 
 
 class CountsTable:
@@ -268,11 +304,12 @@ class RunSummary:
 def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, scale: str | float = 1.0,
                   tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
-                  progress: bool = True, balance: bool = False) -> RunSummary:
-    """Predict every input into `out` (maps, colour maps, counts.csv); unreadable inputs are skipped and listed."""
+                  progress: bool = True, balance: bool = False, tta: bool = False,
+                  min_fraction: float = MIN_FRACTION) -> RunSummary:
+    """Predict every input into `out` (maps, cells, counts.csv); unreadable inputs are skipped and listed."""
     out = check_out_folder(out)
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta, min_fraction)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
@@ -297,12 +334,14 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
             msg = str(e)
             summary.failed.append(msg if str(path) in msg else f"{path}: {msg}")
             continue
-        counts = count_cells(pred.model_labels, predictor.areas)
         write_png(out / f"{stem}.png", pred.labels)
         write_png(out / f"{stem}_color.png", colorize(pred.labels))
-        row = {"image": stem, "scale": format_scale(pred.scale), **counts}
+        inst_file = write_instances(out, stem, pred.cells.instances)
+        write_bytes_atomic(out / f"{stem}_cells.csv", cells_csv(cell_rows(pred.cells)).encode())
+        row = {"image": stem, "scale": format_scale(pred.scale), **pred.counts, **rbc_summary(pred.counts),
+               "cells": pred.method}
         write_json(out / RECORDS / f"{stem}.json", {"key": key, "source": str(path.resolve()), "row": row,
-                                                    "outputs": output_files(stem)})
+                                                    "outputs": output_files(stem, inst_file)})
         table.add(stem, row)
         summary.done.append(stem)
     rows = table.write()
@@ -315,7 +354,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
                  every: int = 1, max_frames: int | None = None, fps: float = 5.0, layout: str = "side",
                  width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                  precision: str = "auto", device: str = "auto", progress: bool = True,
-                 balance: bool = False) -> dict[str, Any]:
+                 balance: bool = False, tta: bool = False) -> dict[str, Any]:
     """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
     out = Path(out)
     kind = out.suffix.lower()
@@ -328,7 +367,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
     if width is not None and width < 16:
         raise BloodcellsError(f"--width {width}: must be at least 16 px")
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta)
     paths, problems = expand_inputs(inputs, videos=True)
     if not paths:
         raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))
@@ -350,7 +389,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
             except BloodcellsError as e:
                 failed.append(f"{source} ({name}): {e}")
                 continue
-            frame = side_by_side(image, pred.labels, classes=classes, layout=layout)
+            frame = side_by_side(image, pred.labels, classes=classes, layout=layout, instances=pred.cells.instances)
             if width is not None and frame.shape[1] != width:
                 h = max(1, int(round(frame.shape[0] * width / frame.shape[1])))
                 frame = cv2.resize(frame, (width, h), interpolation=cv2.INTER_AREA)

@@ -15,9 +15,10 @@ from bloodcells.classes import NUM_CLASSES, PALETTE, colorize
 from bloodcells.errors import BloodcellsError, disk_errors
 from bloodcells.formats import legend
 from bloodcells.imageio import read_rgb, write_bytes_atomic
+from bloodcells.segmenter.instances import borders
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".gif"}
-LAYOUTS = ("side", "overlay", "map")
+LAYOUTS = ("side", "overlay", "map", "outline")
 
 
 def color_map(label: np.ndarray) -> np.ndarray:
@@ -31,9 +32,21 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.45) -> np.nda
     return np.where((label > 0)[..., None], tint, image)
 
 
+def outline(image: np.ndarray, label: np.ndarray, instances: np.ndarray | None = None) -> np.ndarray:
+    """The image with each cell's outline drawn in its class colour (cells: the instance map, else the class map's
+    regions)."""
+    ids = instances if instances is not None else label
+    edge = borders(ids.astype(np.int32))
+    edge |= cv2.dilate(edge.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & (ids > 0)  # 2-3 px lines
+    out = image.copy()
+    out[edge] = PALETTE[label[edge]]
+    return out
+
+
 def side_by_side(image: np.ndarray, label: np.ndarray, classes: Sequence[int] | None = None,
-                 layout: str = "side", gap: int = 4) -> np.ndarray:
-    """Image beside its colour map (or the overlay, or the map alone) above a legend of the classes present."""
+                 layout: str = "side", gap: int = 4, instances: np.ndarray | None = None) -> np.ndarray:
+    """Image beside its colour map (or the overlay, the map alone, or each cell's outline on the image) above a
+    legend of the classes present."""
     if layout not in LAYOUTS:
         raise BloodcellsError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     if classes is None:
@@ -42,6 +55,8 @@ def side_by_side(image: np.ndarray, label: np.ndarray, classes: Sequence[int] | 
         body = np.hstack([image, np.full((image.shape[0], gap, 3), 255, np.uint8), colorize(label)])
     elif layout == "overlay":
         body = overlay(image, label)
+    elif layout == "outline":
+        body = outline(image, label, instances)
     else:
         body = colorize(label)
     return np.vstack([body, legend(list(classes), body.shape[1])])

@@ -16,7 +16,7 @@ from bloodcells.classes import CLASSES, NAMES, NUM_CLASSES, colorize, index_of
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import Box, detect_box_layout, read_json, read_voc, read_wbc_subtypes, read_yolo
 from bloodcells.imageio import read_gray, read_rgb, write_png
-from bloodcells.segmenter.checkpoint import save_checkpoint
+from bloodcells.segmenter.checkpoint import load_model, save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
 from bloodcells.segmenter.instances import components
 from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
@@ -263,7 +263,7 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
     assert "predicted 3" in r.output and "broken.png" in r.output and "none*.png" in r.output
     with open(out / "counts.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert tuple(rows[0]) == COUNTS_HEADER == ("image", "scale", *NAMES)
+    assert tuple(rows[0]) == COUNTS_HEADER == ("image", "scale", *NAMES, "rbc_total", "parasitemia_pct", "cells")
     assert sorted(r[0] for r in rows[1:]) == ["b_smear", "big", "smear"]
     sizes = {"smear": (224, 224), "b_smear": (260, 300), "big": (230, 410)}
     for row in rows[1:]:
@@ -271,7 +271,18 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
         lab = read_gray(out / f"{stem}.png")
         assert lab.shape == sizes[stem] and lab.max() < NUM_CLASSES
         assert np.array_equal(read_rgb(out / f"{stem}_color.png"), colorize(lab))
-        assert float(row[1]) == 1.0 and row[2] == "0" and all(v.isdigit() for v in row[2:])
+        assert float(row[1]) == 1.0 and row[2] == "0" and all(v.isdigit() for v in row[2:12])
+        assert int(row[12]) == int(row[10]) + int(row[11]) and row[14] == "area"  # a model without instance output
+        inst = cv2.imread(str(out / f"{stem}_instances.png"), cv2.IMREAD_UNCHANGED)
+        assert inst.dtype == np.uint16 and inst.shape == sizes[stem]
+        with open(out / f"{stem}_cells.csv", newline="") as f:
+            cells = list(csv.DictReader(f))
+        assert len(cells) == int(inst.max()) and [int(c["id"]) for c in cells] == list(range(1, len(cells) + 1))
+        for c in cells:  # each cell's pixels carry its class in the class map, its area and box are its pixels'
+            ys, xs = np.nonzero(inst == int(c["id"]))
+            assert int(c["area_px"]) == len(ys) and (lab[ys, xs] == NAMES.index(c["class"])).all()
+            assert [int(c[k]) for k in ("x0", "y0", "x1", "y1")] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert ((lab > 0) == (inst > 0)).all()
     # a re-run skips what is done; --force predicts again
     r = run("predict", "--model", str(checkpoint), str(src / "a"), str(src / "b" / "big.jpg"), "--out", str(out),
             "--no-progress")
@@ -284,6 +295,47 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
     assert len(rows) == 3 and rows["big"]["scale"] == "0.5000"
     assert read_gray(out / "big.png").shape == (230, 410)
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_cells_of_a_model_with_an_instance_output(tmp_path, scenes) -> None:
+    """A model with the distance output: its cells, counts, parasitaemia and outline rendering agree."""
+    from bloodcells.segmenter.predict import predict_files
+
+    torch.manual_seed(1)
+    path = tmp_path / "inst.pt"
+    save_checkpoint(path, create_model("unet", width=4, instance="distance"), [0.7, 0.6, 0.6], [0.2, 0.2, 0.2],
+                    meta={})
+    s = predict_files(path, [scenes / "test" / "images"], tmp_path / "p", precision="fp32", progress=False)
+    assert len(s.done) == 16
+    rows = _counts_rows(tmp_path / "p")
+    for row in rows:
+        with open(tmp_path / "p" / f"{row['image']}_cells.csv", newline="") as f:
+            cells = list(csv.DictReader(f))
+        assert row["cells"] == "distance"
+        assert all(int(row[n]) == sum(c["class"] == n for c in cells) for n in NAMES[1:])
+        rbc = int(row["infected_rbc"]) + int(row["healthy_rbc"])
+        assert int(row["rbc_total"]) == rbc
+        assert row["parasitemia_pct"] == ("" if rbc == 0 else str(round(100 * int(row["infected_rbc"]) / rbc, 2)))
+    model, meta = load_model(path)
+    image = read_rgb(scenes / "test" / "images" / "000002.png")
+    pred = predict(model, meta, image, scale=1.0, precision="fp32")
+    framed = side_by_side(image, pred.labels, layout="outline", instances=pred.cells.instances)
+    drawn = np.any(framed[:224] != image, axis=2)
+    assert drawn.any() and not drawn[pred.cells.instances == 0].any()  # outlines lie on the cells' own pixels
+
+
+def test_instance_maps_beyond_16_bits_go_to_a_32_bit_tiff(tmp_path) -> None:
+    from PIL import Image
+
+    from bloodcells.segmenter.predict import write_instances
+
+    few = np.arange(12, dtype=np.int32).reshape(3, 4)
+    assert write_instances(tmp_path, "s", few) == "s_instances.png"
+    many = np.arange(70000, dtype=np.int32).reshape(250, 280)
+    assert write_instances(tmp_path, "s", many) == "s_instances.tif"
+    assert not (tmp_path / "s_instances.png").exists()  # the stale 16-bit map is gone
+    with Image.open(tmp_path / "s_instances.tif") as im:
+        assert np.array_equal(np.asarray(im), many)
 
 
 def _counts_rows(out: Path) -> list[dict[str, str]]:
@@ -349,19 +401,19 @@ def test_counts_csv_is_written_per_run_not_per_image_and_survives_interruption(c
 
     # interrupted after two of five images of a new output folder
     calls = []
-    counting_cells = pred_mod.count_cells
+    cells_csv = pred_mod.cells_csv
 
     def interrupt(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return counting_cells(*args, **kwargs)
+        return cells_csv(*args, **kwargs)
 
-    monkeypatch.setattr(pred_mod, "count_cells", interrupt)
+    monkeypatch.setattr(pred_mod, "cells_csv", interrupt)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
-    monkeypatch.setattr(pred_mod, "count_cells", counting_cells)
+    monkeypatch.setattr(pred_mod, "cells_csv", cells_csv)
     s = pred_mod.predict_files(checkpoint, [src], cut, precision="fp32", progress=False)
     assert sorted(s.resumed) == ["s0", "s1"] and sorted(s.done) == ["s2", "s3", "s4"]
     rows = _counts_rows(cut)
