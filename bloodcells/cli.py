@@ -102,14 +102,17 @@ def compose_cmd(
     workers: int = typer.Option(2, "--workers", callback=at_least(1)),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: render only this shard's canvases"),
     seed: Optional[int] = typer.Option(None, "--seed", help="override the recipe's seed"),
+    exclude_source: List[str] = typer.Option([], "--exclude-source", help="leave out a source of the bank (its name as 'cli sprites stats' shows it, or a pattern such as 'crops:PBC*'); repeatable"),
 ) -> None:
-    """Compose 224x224 smear scenes with label maps from a recipe (resumes if interrupted)."""
+    """Compose 224x224 smear scenes with label maps and instance maps from a recipe (resumes if interrupted)."""
     from bloodcells.composer.dataset import compose, parse_shard, sprite_pools
     from bloodcells.composer.recipe import load_recipe
 
     r = load_recipe(recipe, {"seed": seed} if seed is not None else None)
     out = check_out_folder(out or Path("data") / r["name"])
-    pools, info = sprite_pools(sprites, r)
+    pools, info = sprite_pools(sprites, r, exclude_source)
+    if info.get("excluded"):
+        typer.echo("left out: " + ", ".join(info["excluded"]))
     if sprites is None:
         typer.echo("sprites: the built-in default (procedural cells drawn by the project; no dataset needed)")
     summary = compose(r, pools, out, info, workers=workers, shard=parse_shard(shard))
@@ -386,6 +389,37 @@ def export_model_cmd(
                f"{md['std']}; H and W multiples of 16")
     typer.echo(f"output '{r['output']}': (N, C, H, W); channels 0..{int(md['num_classes']) - 1} are the class logits "
                "(classes and colours are in the file's metadata_props)")
+
+
+@app.command("adapt")
+def adapt_cmd(
+    model: Path = typer.Option(..., "--model", help="a trained checkpoint, e.g. runs/unet/best.pt"),
+    images: List[str] = typer.Option(..., "--images", help="your unlabeled smears: files, folders or glob patterns; repeatable"),
+    data: Path = typer.Option(..., "--data", help="composed dataset mixed in so that nothing learned is forgotten (e.g. the model's own)"),
+    out: Path = typer.Option(..., "--out", help="run folder: pseudo-labels per round, last.pt, adapted.pt"),
+    rounds: int = typer.Option(3, "--rounds", callback=at_least(1), help="label, then fine-tune; this many times"),
+    steps: int = typer.Option(300, "--steps", callback=at_least(1), help="optimiser steps per round"),
+    batch: int = typer.Option(8, "--batch", callback=at_least(2), help="half windows of your images, half composed scenes"),
+    lr: float = typer.Option(1e-4, "--lr", help="learning rate of the fine-tuning"),
+    keep: float = typer.Option(0.5, "--keep", help="share of each class's predicted pixels kept as pseudo-labels (the most confident)"),
+    scale: str = typer.Option("auto", "--scale", help="resize factor of your images to 40x, or auto (per image)"),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="label with test-time augmentation (flips and quarter turns)"),
+    augment: str = typer.Option("full", "--augment", help="augmentation of the composed scenes: none | geometric | appearance | full"),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = PRECISION_OPTION,
+    device: str = DEVICE_OPTION,
+    threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Fine-tune a model on your own unlabeled smears with refreshed pseudo-labels (resumes if interrupted)."""
+    from bloodcells.segmenter.adapt import AdaptConfig, adapt
+
+    s = adapt(AdaptConfig(model=str(model), images=list(images), data=str(data), out=str(out), rounds=rounds,
+                          steps=steps, batch=batch, lr=lr, keep=keep, scale=scale, tta=tta, augment=augment,
+                          seed=seed, precision=precision, device=device, threads=threads, progress=progress))
+    for row in s["log"]:
+        typer.echo(f"round {row['round']}: {100 * row['pixels_kept']:.0f}% of the pixels pseudo-labelled")
+    typer.echo(f"adapted on {s['images']} images in {s['rounds']} rounds -> {s['adapted']}")
 
 
 @app.command("quickstart")

@@ -6,6 +6,7 @@ its annotation JSON exists (written last, atomically): an interrupted run resume
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import multiprocessing as mp
 import platform
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 import cv2
@@ -376,8 +378,12 @@ def finalise(out: Path, recipe: dict, sprites_info: dict) -> dict:
     return info
 
 
-def sprite_pools(bank: Path | None, recipe: dict) -> tuple[dict[str, dict[str, list[Sprite]]], dict]:
-    """Sprites by split and class, from a bank or (bank None) the built-in procedural default."""
+def sprite_pools(bank: Path | None, recipe: dict, exclude: Sequence[str] = ()
+                 ) -> tuple[dict[str, dict[str, list[Sprite]]], dict]:
+    """Sprites by split and class, from a bank or (bank None) the built-in procedural default.
+
+    exclude: source names (or shell patterns, case-insensitive) whose sprites and plasma fields are left out, e.g.
+    to check a model on a source it never saw."""
     if bank is None:
         from .procedural import builtin_sprites
 
@@ -394,6 +400,16 @@ def sprite_pools(bank: Path | None, recipe: dict) -> tuple[dict[str, dict[str, l
         sprites = b.load()
         info = {"bank": str(bank), "id": b.bank_id(), "kind": "sprite bank"}
         licences = b.sources()
+    if exclude:
+        names = sorted({s.source for s in sprites})
+        gone = {n for n in names if any(fnmatch.fnmatch(n.lower(), p.lower()) for p in exclude)}
+        unmatched = [p for p in exclude if not any(fnmatch.fnmatch(n.lower(), p.lower()) for n in names)]
+        if unmatched:
+            raise BloodcellsError(f"--exclude-source {unmatched[0]!r} matches no source of {info['bank']}; its sources: "
+                                  f"{', '.join(names)}")
+        sprites = [s for s in sprites if s.source not in gone]
+        info["excluded"] = sorted(gone)
+        info["id"] = info["id"] + "-without-" + hashlib.sha1("\n".join(sorted(gone)).encode()).hexdigest()[:8]
     pools: dict[str, dict[str, list[Sprite]]] = {s: {} for s in SPLITS}
     for s in sprites:
         pools.setdefault(s.split, {}).setdefault(s.cls, []).append(s)

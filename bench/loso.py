@@ -1,0 +1,102 @@
+"""Leave one source out: the honest cross-lab check of WBC typing.
+
+A source whose cells are in the sprite bank flatters a model judged on that source's own images. This script
+composes a dataset from the bank *without* one source, trains on it, and predicts that source's real single-cell
+crops at their own scale (`--scale auto`): the share of crops whose centre cell is found and gets the right WBC
+type. It also scores the same model on BCCD's test smears.
+
+    python bench/loso.py --bank sprites --holdout pbc  --out loso/pbc        # about 40 min on 2 cores
+    python bench/loso.py --bank sprites --holdout tecom --out loso/tecom
+    python bench/loso.py --bank sprites --holdout lisc --out loso/lisc
+    python bench/loso.py --bank sprites --holdout pbc --recipe bench/recipes/base.yaml --augment geometric --out loso/pbc-base
+
+Each step is skipped when its output exists (compose and training resume), so an interrupted run is re-run with
+the same command. Results: <out>/loso.json and a table on stdout (bench/RESULTS.md records them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bloodcells.classes import GROUPS  # noqa: E402
+from bloodcells.composer.aliases import AliasTable  # noqa: E402
+from bloodcells.composer.dataset import compose, sprite_pools  # noqa: E402
+from bloodcells.composer.recipe import load_recipe  # noqa: E402
+from bloodcells.composer.sources import list_items  # noqa: E402
+from bloodcells.segmenter.realeval import evaluate_crops, evaluate_real  # noqa: E402
+from bloodcells.segmenter.train import TrainConfig, train  # noqa: E402
+
+# holdout -> (source name in a bank imported as the README shows, importer, folder under the datasets, extra)
+HOLDOUTS = {
+    "pbc": ("crops:PBC_dataset_normal_DIB", "crops", "pbc/PBC_dataset_normal_DIB", {}),
+    "tecom": ("masked:Dataset 1", "masked", "wbc_tecom/Dataset 1",
+              {"labels": "wbc_tecom/Class Labels of Dataset 1.csv"}),
+    "lisc": ("crops:data2", "crops", "lisc_crops/data2", {}),
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def crops(datasets: Path, holdout: str) -> list[tuple[Path, str]]:
+    """The held-out source's single white-cell images and their types (other classes and unusable items left out)."""
+    _, kind, folder, extra = HOLDOUTS[holdout]
+    items = list_items(kind, datasets / folder, AliasTable(), **{k: datasets / v for k, v in extra.items()})
+    return [(it.path, it.cls) for it in items if it.skip is None and it.cls in GROUPS["wbc"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bank", type=Path, required=True, help="sprite bank of all five real sources")
+    ap.add_argument("--holdout", choices=sorted(HOLDOUTS), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--recipe", default="realistic")
+    ap.add_argument("--augment", default="full")
+    ap.add_argument("--epochs", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
+    ap.add_argument("--datasets", type=Path,
+                    default=Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets")))
+    args = ap.parse_args()
+    source = HOLDOUTS[args.holdout][0]
+    data, run = args.out / "data", args.out / "run"
+    t0 = time.time()
+    recipe = load_recipe(args.recipe)
+    pools, info = sprite_pools(args.bank, recipe, exclude=[source])
+    print(f"compose {recipe['name']} without {source} -> {data}", flush=True)
+    compose(recipe, pools, data, info, workers=2)
+    t1 = time.time()
+    print(f"train -> {run}", flush=True)
+    summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
+                                steps_per_epoch=args.steps, milestones=(5,), weight_power=0.5, dice_weight=0.5,
+                                threads=2, augment=args.augment, progress=False))
+    t2 = time.time()
+    model = run / "best.pt"
+    held = crops(args.datasets, args.holdout)
+    typing = evaluate_crops(model, held, scale="auto", progress=False)
+    bccd = evaluate_real(model, args.datasets / "bccd" / "BCCD", layout="voc", split="test", scale="auto",
+                         wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
+                         out=args.out / "bccd-test")
+    result = {"holdout": args.holdout, "source": source, "recipe": recipe["name"], "augment": args.augment,
+              "budget": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8},
+              "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
+              "best": summary.get("best"), "crops": typing,
+              "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},
+                            "wbc_subtype": bccd["wbc_subtype"]["accuracy"],
+                            "rbc_infected_share": bccd["rbc_infected_share"]}}
+    (args.out / "loso.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nleft out {source}; trained on {recipe['name']} with --augment {args.augment}")
+    print(f"its {typing['images']} crops: centre cell typed right {100 * typing['accuracy']:.1f}%, "
+          f"a white cell found at the centre {100 * typing['found']:.1f}%")
+    for c, r in typing["per_class"].items():
+        print(f"  {c:<12} {r['n']:>4}  {100 * r['accuracy']:5.1f}%")
+    g = result["bccd_test"]["groups"]
+    print(f"BCCD test F1: RBC {g['rbc'] or 0:.3f}  WBC {g['wbc'] or 0:.3f}  platelet {g['platelet'] or 0:.3f}  "
+          f"subtype {result['bccd_test']['wbc_subtype']}")
+
+
+if __name__ == "__main__":
+    main()
