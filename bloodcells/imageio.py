@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 @contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """Send what C libraries print to stderr (libpng's "libpng error: ...", libjpeg's "Corrupt JPEG data") nowhere."""
+    if sys.stderr is not None:
+        sys.stderr.flush()  # what Python printed so far goes out first
     try:
         saved = os.dup(2)
     except OSError:  # no stderr to redirect

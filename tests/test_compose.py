@@ -75,7 +75,13 @@ def test_paste_labels_exactly_the_visible_sprite_pixels():
     lab2 = np.zeros((64, 64), np.uint8)
     bb = paste(np.zeros((64, 64, 3), np.float32), lab2, a, 4, 0, 0)
     assert bb[0] == 0 and bb[1] == 0 and 0 < (lab2 == 4).sum() < a.mask.sum()
-    assert bbox == (x0 + 2, y0 + 2, x0 + 2 + 21, y0 + 2 + 21) or (label[bbox[1]:bbox[3], bbox[0]:bbox[2]] > 0).any()
+    # the returned boxes are the tight boxes (x0, y0, x1, y1; x1, y1 exclusive) of the pixels labelled
+    assert bbox == _tight_box(expect == 4) and bb == _tight_box(lab2 == 4)
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def test_feathering_never_changes_the_label():
@@ -187,6 +193,20 @@ def test_resume_after_kill(builtin, tmp_path):
     r2 = subprocess.run(cmd[:-4] + ["--out", str(ref), "--workers", "2"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr
     assert _hashes(out) == _hashes(ref)
+
+
+def test_builtin_sprites_never_cross_splits(builtin, tiny_set):
+    r, pools, _ = builtin
+    split_of = {sp.id: split for split, by_cls in pools.items() for sprites in by_cls.values() for sp in sprites}
+    assert len(set(split_of.values())) == 3  # every split has its own sprites
+    used = {split: set() for split in ("train", "val", "test")}
+    for split in used:
+        for ap in (tiny_set / split / "annotations").glob("*.json"):
+            for o in json.loads(ap.read_text())["objects"]:
+                used[split].update(o.get("parts") or [o["sprite"]])
+    for split, ids in used.items():
+        assert ids and {split_of[i] for i in ids} == {split}, split  # RBCs, WBCs, platelets and clump parts
+    assert sum(len(v) for v in used.values()) > 50
 
 
 def test_real_sprites_never_cross_splits(real_bank, tmp_path):

@@ -18,9 +18,9 @@ from bloodcells.formats import Box, detect_box_layout, read_json, read_voc, read
 from bloodcells.imageio import read_gray, read_rgb, write_png
 from bloodcells.segmenter.checkpoint import load_model, save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
+from bloodcells.segmenter.infer import (Prediction, blend_window, estimate_rbc_diameter, parse_scale, predict,
+                                        predict_logits, resize_image, tile_starts)
 from bloodcells.segmenter.instances import components
-from bloodcells.segmenter.infer import (blend_window, estimate_rbc_diameter, parse_scale, predict, predict_logits,
-                             resize_image, tile_starts)
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
 from bloodcells.segmenter.realeval import greedy_match, iou_matrix, score_image, subtype_of
@@ -544,7 +544,7 @@ def test_iou_and_greedy_matching() -> None:
     assert iou_matrix(np.zeros((0, 4)), b).shape == (0, 2)
 
 
-def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> None:
+def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path, monkeypatch) -> None:
     root = tmp_path / "voc"
     rng = np.random.default_rng(4)
     objs = {"BloodImage_00003": [("RBC", 10, 10, 60, 60), ("WBC", 100, 80, 200, 180), ("Platelets", 5, 150, 25, 170)],
@@ -576,9 +576,45 @@ def test_voc_reading_subtypes_and_evaluate_real_cli(checkpoint, tmp_path) -> Non
     m = read_json(out / "metrics.json")
     assert m["images"] == 2 and m["unknown_labels"] == {"Weird": 1} and m["matching"]["iou"] == 0.3
     assert len(m["failed"]) == 1 and "BloodImage_00020.xml: unreadable VOC annotation" in m["failed"][0]
-    for g, want in (("rbc", 2), ("wbc", 1), ("platelet", 1)):
-        row = m["groups"][g]
-        assert row["gt"] == want and row["tp"] + row["fn"] == want and row["tp"] + row["fp"] == row["pred"]
+    assert {g: m["groups"][g]["gt"] for g in ("rbc", "wbc", "platelet")} == {"rbc": 2, "wbc": 1, "platelet": 1}
+
+    # the same command with maps whose matches are known: per smear, in the order of test.txt
+    def painted(stem: str) -> np.ndarray:
+        lab = np.zeros((200, 240), np.uint8)
+        if stem == "BloodImage_00003":
+            lab[12:58, 12:58] = HEALTHY  # its RBC box: a match
+            lab[82:178, 102:198] = index_of("neutrophil")  # its WBC box: a match, of the listed subtype
+            lab[10:50, 180:220] = HEALTHY  # no box there: a false positive; its platelet box is missed
+        else:
+            lab[32:88, 32:88] = index_of("infected_rbc")  # its RBC box: a match (RBCs are one group)
+            lab[150:160, 150:160] = index_of("thrombocyte")  # no platelet box there: a false positive
+            lab[5:9, 200:204] = index_of("thrombocyte")  # a speck below the smallest platelet: ignored
+        return lab
+
+    class Painter:
+        areas, areas_source, meta = table_areas(), "class table", {"config": {}}
+
+        def __init__(self) -> None:
+            self.stems = iter(["BloodImage_00003", "BloodImage_00010"])
+
+        def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
+            lab = painted(next(self.stems))
+            cells = components(lab, {c: 0.15 * a for c, a in self.areas.items()})
+            return Prediction(lab, lab, 1.0, cells=cells)
+
+    import bloodcells.segmenter.realeval as realeval
+    monkeypatch.setattr(realeval, "load_predictor", lambda *args, **kwargs: Painter())
+    r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "test", "--scale", "1",
+            "--wbc-labels", str(csv_path), "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    m = read_json(out / "metrics.json")
+    counts = {g: {k: m["groups"][g][k] for k in ("gt", "pred", "tp", "fp", "fn")} for g in ("rbc", "wbc", "platelet")}
+    assert counts == {"rbc": {"gt": 2, "pred": 3, "tp": 2, "fp": 1, "fn": 0},
+                      "wbc": {"gt": 1, "pred": 1, "tp": 1, "fp": 0, "fn": 0},
+                      "platelet": {"gt": 1, "pred": 1, "tp": 0, "fp": 1, "fn": 1}}
+    assert m["groups"]["rbc"]["precision"] == pytest.approx(2 / 3) and m["groups"]["platelet"]["f1"] == 0
+    assert m["wbc_subtype"]["matched_with_subtype"] == 1 and m["wbc_subtype"]["correct"] == 1
+    monkeypatch.undo()
     r = run("evaluate-real", "--model", str(checkpoint), "--voc", str(root), "--split", "nope")
     assert isinstance(r.exception, BloodcellsError) and "nope.txt" in str(r.exception)
     r = run("evaluate-real", "--model", str(checkpoint))
