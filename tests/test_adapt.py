@@ -1,0 +1,111 @@
+"""Self-training on unlabeled smears (cli adapt): pseudo-labels per class, exact resume, guarded output folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bloodcells.classes import NUM_CLASSES
+from bloodcells.errors import BloodcellsError
+from bloodcells.segmenter.adapt import IGNORE, AdaptConfig, _Adapt, adapt, pseudo_labels
+from bloodcells.segmenter.checkpoint import load_model
+from bloodcells.segmenter.train import TrainConfig, state_digest, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A tiny composed set, a briefly trained width-4 U-Net with the distance output, and 4 'user' images."""
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+    from bloodcells.imageio import read_rgb, write_png
+
+    root = tmp_path_factory.mktemp("adapt")
+    r = load_recipe("tiny", {"scenes": {"train": 16, "val": 8, "test": 8}})
+    pools, info = sprite_pools(None, r)
+    compose(r, pools, root / "data", info, workers=1, progress=False)
+    train(TrainConfig(data=str(root / "data"), out=str(root / "run"), width=4, epochs=1, steps_per_epoch=3,
+                      batch_size=4, precision="fp32", progress=False))
+    for i in range(4):  # the user's smears: larger than a window, at another magnification
+        img = read_rgb(root / "data" / "test" / "images" / f"{i:06d}.png")
+        write_png(root / "mine" / f"smear{i}.png", np.kron(img, np.ones((2, 2, 1), np.uint8))[:300, :260])
+    return root
+
+
+def config(root: Path, out: str, **kw) -> AdaptConfig:
+    base = dict(model=str(root / "run" / "best.pt"), images=[str(root / "mine")], data=str(root / "data"),
+                out=str(root / out), rounds=2, steps=4, batch=4, scale="0.5", tta=False, save_every=2,
+                precision="fp32", progress=False, augment="geometric")
+    return AdaptConfig(**{**base, **kw})
+
+
+def test_pseudo_labels_keep_a_share_of_every_class():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), size=(2, 40, 50)).transpose(0, 3, 1, 2).astype(np.float32)
+    probs[:, 9] += 2.0  # one class dominates: most pixels are predicted healthy_rbc, with high confidence
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels, shares = pseudo_labels(list(probs), keep=0.5)
+    argmax = probs.argmax(axis=1)
+    for c in np.unique(argmax):
+        predicted = argmax == c
+        kept = np.stack(labels) == c
+        assert (kept <= predicted).all()  # only a pixel's own argmax can be its pseudo-label
+        assert abs(kept.sum() / predicted.sum() - 0.5) < 0.05  # every class keeps its own most confident half
+    assert set(np.unique(np.stack(labels))) <= set(range(NUM_CLASSES)) | {IGNORE}
+    assert shares["healthy_rbc"] > 0.9
+
+
+def test_adapt_runs_writes_pseudo_labels_and_a_checkpoint(setting):
+    s = adapt(config(setting, "a1"))
+    out = setting / "a1"
+    assert s["rounds"] == 2 and len(s["log"]) == 2 and Path(s["adapted"]) == out / "adapted.pt"
+    for r in (0, 1):
+        files = sorted((out / f"round-{r}").glob("*.png"))
+        assert [f.stem for f in files] == [f"smear{i}" for i in range(4)]
+    model, meta = load_model(out / "adapted.pt")
+    before, _ = load_model(setting / "run" / "best.pt")
+    assert meta["config"] == before.config and meta["adapted"]["rounds"] == 2
+    assert state_digest(model) != state_digest(before)  # it learned something
+
+
+def test_an_interrupted_run_continues_exactly(setting, monkeypatch):
+    ref = adapt(config(setting, "ref"))
+    calls = {"n": 0}
+    original = _Adapt.train_round
+
+    def stop_in_round_two(self, r, images, labels):
+        if r == 1:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                self.cfg.steps = 3  # stop after step 3 of round 2; step 2's checkpoint is on disk
+                try:
+                    original(self, r, images, labels)
+                finally:
+                    self.cfg.steps = 4
+                raise KeyboardInterrupt
+        return original(self, r, images, labels)
+
+    monkeypatch.setattr(_Adapt, "train_round", stop_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(config(setting, "cut"))
+    monkeypatch.undo()
+    again = adapt(config(setting, "cut"))
+    a, _ = load_model(Path(ref["adapted"]))
+    b, _ = load_model(Path(again["adapted"]))
+    assert state_digest(a) == state_digest(b)
+
+
+def test_out_folder_with_another_run_is_refused(setting):
+    adapt(config(setting, "a2", rounds=1, steps=2))
+    with pytest.raises(BloodcellsError, match="other settings"):
+        adapt(config(setting, "a2", rounds=1, steps=2, keep=0.3))
+    (setting / "junk").mkdir()
+    (setting / "junk" / "x.txt").write_text("x")
+    with pytest.raises(BloodcellsError, match="not empty"):
+        adapt(config(setting, "junk"))
+    with pytest.raises(BloodcellsError, match="keep"):
+        adapt(config(setting, "a3", keep=0.0))
+    torch.set_num_threads(1)
