@@ -128,7 +128,7 @@ class TrainConfig:
             raise BloodcellsError(f"--milestones must be epochs >= 1; got {list(self.milestones)}")
 
 
-RUN_FILES = ("last.pt", "last.json", "best.pt", "best.json", "history.csv", "curves.png")
+RUN_FILES = ("last.pt", "last.json", "last.md", "best.pt", "best.json", "best.md", "history.csv", "curves.png")
 
 
 def run_folder(path: str | Path) -> Path:
@@ -543,7 +543,7 @@ def train(config: TrainConfig, step_hook: StepHook | None = None, force: bool = 
     # step in progress with last.pt saved, from which a resume continues exactly; an
     # interrupt re-raises KeyboardInterrupt once last.pt is written.
     config.check()
-    if config.instance == "auto":
+    if config.instance == "auto" and (Path(config.data) / "dataset.json").is_file():  # type: ignore[arg-type]
         config.instance = DEFAULT_INSTANCE if DatasetInfo.read(config.data).has_instances else None  # type: ignore[arg-type]
     fresh = config.resume is None
     config = continue_or_start(config, force)

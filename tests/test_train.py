@@ -222,7 +222,7 @@ def test_training_into_a_run_folder_resumes_it_refuses_other_settings_or_starts_
     # validation, the new run has no best.pt yet)
     fresh = train(small(data, out, epochs=1, steps_per_epoch=2, width=4, max_minutes=1e-6), force=True)
     assert fresh["resumed"] is False and fresh["global_step"] == 1 and fresh["stopped"] == "time budget"
-    assert sorted(p.name for p in out.iterdir()) == ["last.json", "last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["last.json", "last.md", "last.pt"]
     assert load_checkpoint(out / "last.pt")["config"]["width"] == 4
     with pytest.raises(BloodcellsError, match="only one of them"):
         train(resume_config(out), force=True)
