@@ -131,17 +131,17 @@ def compose_cmd(
 
 @app.command("show")
 def show_cmd(
-    data: Path = typer.Argument(..., help="a composed dataset folder"),
+    data: List[Path] = typer.Argument(..., help="a composed dataset folder; several: the same scenes side by side"),
     split: str = typer.Option("train", "--split"),
     n: int = typer.Option(16, "--n", callback=at_least(1)),
     out: Path = typer.Option(Path("grid.png"), "--out"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Grid of scenes beside their colour-coded label maps, with a legend."""
+    """Grid of scenes beside their colour-coded label maps, with a legend (several datasets: side by side)."""
     from bloodcells.imageio import write_png
     from bloodcells.composer.show import grid
 
-    write_png(out, grid(data, split, n, seed=seed))
+    write_png(out, grid(data if len(data) > 1 else data[0], split, n, seed=seed))
     typer.echo(f"wrote {out}")
 
 

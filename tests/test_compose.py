@@ -516,3 +516,19 @@ def test_white_cells_cover_red_cells_and_black_rims_do_not_darken():
     od = sprite_density(Sprite("k", "healthy_rbc", rgba, 20.0))
     inside = rgba[..., 3] >= 250
     assert od[rgba[..., 3] > 0].max() <= od[inside].max() + 1e-6
+
+
+def test_show_puts_the_same_scenes_of_two_datasets_side_by_side(tiny_set, tmp_path):
+    """One row per scene, one column per dataset (e.g. the same recipe with two blends)."""
+    from bloodcells.composer.show import grid
+
+    r = load_recipe("tiny", {**TINY, "look": {"blend": "alpha"}})
+    pools, info = sprite_pools(None, r)
+    compose(r, pools, tmp_path / "alpha", info, workers=1, progress=False)
+    g = grid([tiny_set, tmp_path / "alpha"], "train", n=3)
+    tile_w, tile_h, caption = 224 * 2 + 4 + 8, 224 + 8, 22
+    assert g.shape[1] == 2 * tile_w and g.shape[0] > caption + 3 * tile_h
+    left = g[caption:caption + tile_h, :tile_w]
+    right = g[caption:caption + tile_h, tile_w:]
+    assert not np.array_equal(left[4:228, 4:228], right[4:228, 4:228])  # the images differ (the blend) ...
+    assert np.array_equal(left[4:228, 232:456], right[4:228, 232:456])  # ... their label maps are the same scene
