@@ -245,8 +245,10 @@ def evaluate_cmd(
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(0, "--workers", callback=at_least(0)),
+    tta: bool = typer.Option(False, "--tta", help="average each scene over its 8 flips and quarter turns"),
 ) -> None:
-    """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix."""
+    """Score a model on a dataset split: per-class IoU / Dice / accuracy, confusion matrix, and one object per
+    cell (AP, panoptic quality, count error) on scenes with instance maps."""
     from bloodcells.formats import read_json
     from bloodcells.segmenter.checkpoint import sidecar
     from bloodcells.segmenter.evaluate import evaluate, format_table
@@ -257,7 +259,7 @@ def evaluate_cmd(
             raise BloodcellsError(f"{model}: no record of its dataset; pass --data")
         data = Path(trained_on)
     result = evaluate(model, data or Path("."), split, out, batch_size=batch_size, precision=precision, workers=workers,
-                      device=device)
+                      device=device, tta=tta)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json, confusion.csv, confusion.png")
 

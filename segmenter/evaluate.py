@@ -22,18 +22,20 @@ from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
 from bloodcells.segmenter.data import SegmentationDataset, ShardSampler, read_instances
 from bloodcells.segmenter.instance_metrics import InstanceScorer, format_instance_table
+from bloodcells.segmenter.infer import tta_logits
 from bloodcells.segmenter.instances import components, decode
 from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
 from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
 
 def run_model(model: nn.Module, loader: DataLoader, runtime: Runtime, criterion: Callable[..., torch.Tensor] | None = None,
-              num_classes: int = NUM_CLASSES, on_batch: Callable[[torch.Tensor, tuple], None] | None = None
-              ) -> tuple[ConfusionMatrix, float]:
+              num_classes: int = NUM_CLASSES, on_batch: Callable[[torch.Tensor, tuple], None] | None = None,
+              tta: bool = False) -> tuple[ConfusionMatrix, float]:
     """Predict every batch in eval mode; the confusion matrix and sample-weighted mean loss over all DDP ranks.
 
     Batches are (x, y) or (x, y, instance target); `criterion(output, y[, target])`; `on_batch(output, batch)`
-    sees every output (e.g. to decode instances)."""
+    sees every output (e.g. to decode instances). tta: outputs averaged over flips and quarter turns
+    (segmenter.infer.tta_logits)."""
     model.eval()
     cm = ConfusionMatrix(num_classes)
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # loss sum, samples
@@ -41,9 +43,12 @@ def run_model(model: nn.Module, loader: DataLoader, runtime: Runtime, criterion:
         for batch in loader:
             x, y = runtime.batch(batch[0]), batch[1].to(runtime.device, non_blocking=True)
             rest = [t.to(runtime.device, non_blocking=True) for t in batch[2:]]
-            with runtime.autocast():
-                out = model(x)
-            out = out.float()
+            if tta:
+                out = tta_logits(model, x, runtime, num_classes)
+            else:
+                with runtime.autocast():
+                    out = model(x)
+                out = out.float()
             cm.update(out[:, :num_classes].argmax(dim=1), y)
             if criterion is not None:
                 totals[0] += float(criterion(out, y, *rest)) * len(y)
@@ -102,7 +107,7 @@ def default_out(model_path: str | Path, split: str) -> Path:
 
 def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              batch_size: int = 8, precision: str = "auto", workers: int = 0, device: str = "auto",
-             cache: bool | None = False, instances: bool = True) -> dict[str, Any]:
+             cache: bool | None = False, instances: bool = True, tta: bool = False) -> dict[str, Any]:
     """Score a checkpoint on one split; write metrics.json, confusion.csv and confusion.png into `out`, and the
     scores into the model card beside the checkpoint.
 
@@ -121,12 +126,12 @@ def evaluate(model_path: str | Path, data: str | Path, split: str = "test", out:
         on_batch = None
         if instances and dataset.info.has_instances and runtime.world == 1:
             scorer, on_batch = _instance_scoring(dataset, meta, data, num_classes)
-        cm, _ = run_model(model, loader, runtime, num_classes=num_classes, on_batch=on_batch)
+        cm, _ = run_model(model, loader, runtime, num_classes=num_classes, on_batch=on_batch, tta=tta)
     finally:
         leave_process_group(runtime)
     counts = cm.matrix()
     result: dict[str, Any] = {"model": str(model_path), "data": str(data), "split": split, "images": len(dataset),
-                              "precision": runtime.precision, **metrics_from_confusion(counts),
+                              "precision": runtime.precision, "tta": tta, **metrics_from_confusion(counts),
                               "table": class_table(counts), "confusion": counts.tolist(), "out": str(out)}
     if scorer is not None:
         result["instances"] = {"method": meta["config"].get("instance") or "area", **scorer.result()}

@@ -95,6 +95,17 @@ def _forward(model: nn.Module, x: torch.Tensor, rt: Runtime, num_classes: int, t
     return acc / 8.0
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, num_classes: int) -> torch.Tensor:
+    """Test-time augmentation for a batch (N, 3, h, w) as logits: the log of the class probabilities averaged over
+    the 8 flips and quarter turns, and the logit of the averaged instance map, so that softmax and sigmoid give
+    back the averages (what `cli evaluate --tta` scores)."""
+    p = _forward(model, x, rt, num_classes, tta=True).clamp(1e-7, 1 - 1e-7)
+    out = torch.log(p[:, :num_classes])
+    if p.shape[1] > num_classes:
+        out = torch.cat([out, torch.logit(p[:, num_classes:])], dim=1)
+    return out
+
+
 def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, tile: int = 224,
                    overlap: float = 0.25, batch: int = 8, precision: str = "auto",
                    device: str | torch.device | None = None, channels_last: bool = True, tta: bool = False) -> np.ndarray:

@@ -20,7 +20,7 @@ from bloodcells.segmenter.checkpoint import load_model, save_checkpoint
 from bloodcells.segmenter.count import count_cells, expected_areas, resolve_areas, table_areas
 from bloodcells.segmenter.infer import (Prediction, blend_window, estimate_rbc_diameter, parse_scale, predict,
                                         predict_logits, resize_image, tile_starts)
-from bloodcells.segmenter.instances import components
+from bloodcells.segmenter.instances import CELL_COLUMNS, components
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import COUNTS_HEADER, expand_inputs, output_stems
 from bloodcells.segmenter.realeval import greedy_match, iou_matrix, score_image, subtype_of
@@ -657,3 +657,46 @@ def test_balance_background_takes_the_plasma_colour():
     assert np.abs(out[0, 0].astype(float) - np.array(PLASMA_RGB)).max() <= 1
     # the cell keeps its contrast to the background, channel by channel
     assert (out[30, 30] < out[0, 0]).all()
+
+
+def test_tta_leaves_a_flip_invariant_model_unchanged_and_averages_others() -> None:
+    from bloodcells.segmenter.infer import tta_logits
+    from bloodcells.segmenter.runtime import Runtime
+
+    image = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    plain = predict_logits(pixelwise(), PLAIN, image, tile=64, overlap=0.25, precision="fp32")
+    tta = predict_logits(pixelwise(), PLAIN, image, tile=64, overlap=0.25, precision="fp32", tta=True)
+    assert np.allclose(plain, tta, atol=1e-5)  # a 1x1 convolution does not care about flips or turns
+    torch.manual_seed(0)
+    unet = create_model("unet", width=4, instance="distance").eval()
+    a = predict_logits(unet, PLAIN, image, tile=64, precision="fp32")
+    b = predict_logits(unet, PLAIN, image, tile=64, precision="fp32", tta=True)
+    assert a.shape == b.shape == (NUM_CLASSES + 1, 96, 128) and not np.allclose(a, b, atol=1e-3)
+    assert np.allclose(b[:NUM_CLASSES].sum(axis=0), 1, atol=1e-4) and 0 <= b[NUM_CLASSES].min() <= b.max() <= 1
+    x = torch.randn(2, 3, 64, 64)
+    rt = Runtime(torch.device("cpu"), "fp32", channels_last=False)
+    logits = tta_logits(unet, x, rt, NUM_CLASSES)  # what cli evaluate --tta scores: softmax gives the averages
+    manual = torch.zeros(2, NUM_CLASSES, 64, 64)
+    with torch.no_grad():
+        for k in range(8):
+            t = (x.flip(-1) if k & 1 else x).rot90(k >> 1, (-2, -1))
+            p = torch.softmax(unet(t)[:, :NUM_CLASSES], 1).rot90(-(k >> 1), (-2, -1))
+            manual += (p.flip(-1) if k & 1 else p) / 8
+    assert torch.allclose(torch.softmax(logits[:, :NUM_CLASSES], 1), manual, atol=1e-5)
+
+
+def test_a_smear_without_cells_is_an_empty_table(tmp_path) -> None:
+    from bloodcells.segmenter.predict import predict_files
+
+    torch.manual_seed(0)
+    model = create_model("unet", width=4, instance="distance")
+    with torch.no_grad():
+        model.head.bias[0] = 50.0  # background everywhere
+    save_checkpoint(tmp_path / "bg.pt", model, [0.7, 0.6, 0.6], [0.2, 0.2, 0.2], meta={})
+    write_png(tmp_path / "in" / "blank.png", np.full((120, 160, 3), 230, np.uint8))
+    s = predict_files(tmp_path / "bg.pt", [tmp_path / "in"], tmp_path / "out", precision="fp32", progress=False)
+    assert s.done == ["blank"] and not s.failed
+    assert (tmp_path / "out" / "blank_cells.csv").read_text().splitlines() == [",".join(CELL_COLUMNS)]
+    assert cv2.imread(str(tmp_path / "out" / "blank_instances.png"), cv2.IMREAD_UNCHANGED).max() == 0
+    row = _counts_rows(tmp_path / "out")[0]
+    assert all(row[n] == "0" for n in NAMES) and row["rbc_total"] == "0" and row["parasitemia_pct"] == ""
