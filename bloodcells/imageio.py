@@ -82,13 +82,16 @@ def read_rgba(path: str | Path) -> np.ndarray:
 
 
 _PNG_FILTERS = {"none": getattr(cv2, "IMWRITE_PNG_FILTER_NONE", None), "sub": getattr(cv2, "IMWRITE_PNG_FILTER_SUB", None)}
+_PNG_STRATEGIES = {"rle": getattr(cv2, "IMWRITE_PNG_STRATEGY_RLE", None)}
 
 
-def encode_png(arr: np.ndarray, level: int = 1, png_filter: str | None = None) -> bytes:
-    """PNG bytes of a uint8 gray, RGB or RGBA array; deterministic for equal input.
+def encode_png(arr: np.ndarray, level: int = 1, png_filter: str | None = None, strategy: str | None = None) -> bytes:
+    """PNG bytes of a uint8 gray, RGB or RGBA array (or a uint16 gray one); deterministic for equal input.
 
     png_filter 'none' suits label maps (long runs; 10x faster than adaptive filtering, same size),
-    'sub' suits photos (about 1.7x faster than adaptive at a similar size)."""
+    'sub' suits photos (about 1.7x faster than adaptive at a similar size). strategy 'rle' (zlib's run-length
+    matching) halves the time again for photos after the 'sub' filter and for uint8 label maps, and makes
+    both smaller; 16-bit maps are better without it."""
     if arr.ndim == 3 and arr.shape[2] == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     elif arr.ndim == 3 and arr.shape[2] == 4:
@@ -96,6 +99,8 @@ def encode_png(arr: np.ndarray, level: int = 1, png_filter: str | None = None) -
     params = [cv2.IMWRITE_PNG_COMPRESSION, level]
     if png_filter is not None and _PNG_FILTERS.get(png_filter) is not None:
         params += [cv2.IMWRITE_PNG_FILTER, _PNG_FILTERS[png_filter]]
+    if strategy is not None and _PNG_STRATEGIES.get(strategy) is not None:
+        params += [cv2.IMWRITE_PNG_STRATEGY, _PNG_STRATEGIES[strategy]]
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr), params)
     if not ok:
         raise BloodcellsError("could not encode a PNG image")
@@ -107,14 +112,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(tmp, "wb") as f:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the folder is made on the first write into it, not checked on every one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        try:
+            with f:
                 f.write(data)
             os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_png(path: str | Path, arr: np.ndarray, level: int = 1) -> None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import bloodcells
 from bloodcells.classes import NAMES, NUM_CLASSES, index_of
-from bloodcells.errors import BloodcellsError, check_out_folder
+from bloodcells.errors import BloodcellsError, check_out_folder, disk_errors
 from bloodcells.formats import (DATASET_FILE, DATASET_FORMAT, SPLIT_ID, SPLITS, DatasetInfo, median_frequency_weights,
                                 read_json, scene_id, scene_paths, write_json)
 from bloodcells.imageio import encode_png, write_bytes_atomic
@@ -221,6 +221,25 @@ def scene_stats(img: np.ndarray, label: np.ndarray) -> dict:
             "sum": (hist @ _LEVELS).tolist(), "sumsq": (hist @ (_LEVELS * _LEVELS)).tolist()}
 
 
+def write_scene_file(path: Path, data: bytes) -> None:
+    """Write one of a scene's image files in place (making its folder on the first write into it)."""
+    with disk_errors(path):
+        try:
+            f = open(path, "wb")
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "wb")
+        with f:
+            f.write(data)
+
+
+def encode_scene(img: np.ndarray, label: np.ndarray, inst: np.ndarray) -> tuple[bytes, bytes, bytes]:
+    """PNG bytes of a scene's image, label map and instance map, with the fastest settings for each kind."""
+    return (encode_png(img, level=1, png_filter="sub", strategy="rle"),
+            encode_png(label, level=1, png_filter="none", strategy="rle"),
+            encode_png(inst, level=1, png_filter="none"))
+
+
 _STATE: dict = {}
 
 
@@ -238,9 +257,10 @@ def _render_block(task: tuple[str, list[int]]) -> int:
         img, label, inst, ann = comp.scene(i)
         ann.update(scene_stats(img, label))
         paths = scene_paths(_STATE["out"], split, ann["id"])
-        write_bytes_atomic(paths.image, encode_png(img, level=1, png_filter="sub"))
-        write_bytes_atomic(paths.label, encode_png(label, level=1, png_filter="none"))
-        write_bytes_atomic(paths.instances, encode_png(inst, level=1, png_filter="none"))
+        # only the annotation, written last, says a scene is done: the other files need no rename of their own
+        # (a scene cut short has no annotation and is rendered and written again)
+        for path, data in zip((paths.image, paths.label, paths.instances), encode_scene(img, label, inst)):
+            write_scene_file(path, data)
         write_bytes_atomic(paths.annotation, (json.dumps(ann, separators=(",", ":")) + "\n").encode())
     return len(indices)
 
