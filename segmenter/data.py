@@ -5,7 +5,6 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,9 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.formats import SPLITS, DatasetInfo, scene_paths, split_ids
+from bloodcells.formats import DatasetInfo, scene_paths, split_ids
 from bloodcells.imageio import read_gray, read_rgb
 from bloodcells.segmenter.augment import LEVELS, augment_sample
 from bloodcells.segmenter.instances import instance_target

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import check_out_folder
-from bloodcells.formats import json_safe, read_json, scene_paths, write_json
+from bloodcells.formats import read_json, scene_paths, write_json
 from bloodcells.imageio import write_bytes_atomic, write_png
 from bloodcells.segmenter.card import SYNTHETIC, record_evaluation
 from bloodcells.segmenter.charts import confusion_heatmap

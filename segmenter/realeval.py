@@ -15,15 +15,13 @@ Boxes, box label groups and subtypes are read by bloodcells.formats, the readers
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from bloodcells.classes import CLASSES, GROUPS, NAMES, NUM_CLASSES, index_of
+from bloodcells.classes import CLASSES, GROUPS, NAMES, index_of
 from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import (AnnotatedImage, Box, SubtypeTable, detect_box_layout, read_boxes, read_wbc_subtypes,
                                 write_json)
