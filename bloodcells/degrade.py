@@ -30,6 +30,21 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
     return np.take(_normal_table(), bits).reshape(shape)
 
 
+def poisson_gaussian(img: np.ndarray, rng: np.random.Generator, read_std: float, shot: float) -> np.ndarray:
+    """img (uint8 or float) plus Gaussian noise of variance read_std^2 + shot * intensity per pixel and channel, as
+    float32 (not clipped, so the mean stays unbiased until the caller rounds)."""
+    n = standard_normal(rng, img.shape)
+    if shot > 0:
+        sd = np.maximum(img, 0).astype(np.float32)
+        sd *= np.float32(shot)
+        sd += np.float32(read_std * read_std)
+        n *= np.sqrt(sd, out=sd)
+    else:
+        n *= np.float32(read_std)
+    n += img
+    return n
+
+
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     """Encode a uint8 RGB image as JPEG at quality (0..100) and decode it again (uint8 RGB)."""
     # cameras encode BGR-ordered buffers in OpenCV; the channel order decides which colour gets the

@@ -17,7 +17,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from bloodcells.degrade import jpeg_roundtrip, standard_normal
+from bloodcells.degrade import jpeg_roundtrip, poisson_gaussian
 from bloodcells.errors import BloodcellsError
 
 OPTICS_DEFAULTS: dict = {
@@ -149,16 +149,7 @@ def sensor_noise(img: np.ndarray, rng: np.random.Generator, read_std: float, sho
     channel (float32, not clipped, so the mean stays unbiased until the final rounding)."""
     if read_std <= 0 and shot <= 0:
         return img.copy()
-    n = standard_normal(rng, img.shape)
-    if shot > 0:
-        sd = np.maximum(img, 0)
-        sd *= np.float32(shot)
-        sd += np.float32(read_std * read_std)
-        n *= np.sqrt(sd, out=sd)
-    else:
-        n *= np.float32(read_std)
-    n += img
-    return n
+    return poisson_gaussian(img, rng, read_std, shot)
 
 
 def jpeg_artifacts(img: np.ndarray, quality: int) -> np.ndarray:

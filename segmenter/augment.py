@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 
-from bloodcells.degrade import jpeg_roundtrip, standard_normal
+from bloodcells.degrade import jpeg_roundtrip, poisson_gaussian
 from bloodcells.errors import BloodcellsError
 
 Range = tuple[float, float]
@@ -201,16 +201,7 @@ def noise(img: np.ndarray, rng: np.random.Generator, std: Range = (0.0, 6.0), sh
     k = rng.uniform(*shot)
     if sigma == 0 and k == 0:
         return img.copy()
-    n = standard_normal(rng, img.shape)
-    if k > 0:
-        sd = img.astype(np.float32)
-        sd *= np.float32(k)
-        sd += np.float32(sigma * sigma)
-        n *= np.sqrt(sd, out=sd)
-    else:
-        n *= np.float32(sigma)
-    n += img
-    return _to_uint8(n)
+    return _to_uint8(poisson_gaussian(img, rng, sigma, k))
 
 
 def jpeg(img: np.ndarray, rng: np.random.Generator, quality: Range = (40, 95)) -> np.ndarray:

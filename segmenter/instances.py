@@ -153,12 +153,8 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
         seeds, elevation = aux < t, aux
     else:
         raise ValueError(f"unknown instance output {mode!r}")
-    inst = np.zeros(labels.shape, np.int32)
-    offset = 0
-    for g in (1, 2, 3):
-        mask = group == g
-        if not mask.any():
-            continue
+
+    def cells_of(mask: np.ndarray) -> tuple[np.ndarray, int]:
         # seeds of one group only, so cells of different groups never share a seed or flood into each other
         n, markers = cv2.connectedComponents((seeds & mask).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
         region = watershed(elevation, markers, mask=mask) if n > 1 else np.zeros(mask.shape, np.int32)
@@ -168,26 +164,33 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
             m, extra = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
             region = np.where(rest, extra + (n - 1) * (extra > 0), region)
             n += m - 1
-        inst = np.where(mask, region + offset * (region > 0), inst)
-        offset += n - 1
-    return _finish(inst.astype(np.int32), probs, labels, min_area)
+        return region, n - 1
+
+    return _finish(_per_group(group, cells_of), probs, labels, min_area)
+
+
+def _per_group(group: np.ndarray, cells_of) -> np.ndarray:
+    """One instance map from objects found group by group (`cells_of(mask)` -> (ids 1..n within mask, n))."""
+    inst = np.zeros(group.shape, np.int32)
+    offset = 0
+    for g in (1, 2, 3):
+        mask = group == g
+        if mask.any():
+            region, n = cells_of(mask)
+            inst = np.where(mask, region + offset * (region > 0), inst)
+            offset += n
+    return inst
 
 
 def components(labels: np.ndarray, min_area: Mapping[int, float] | None = None,
                probs: np.ndarray | None = None) -> Cells:
     """Cells as the 8-connected regions of each group of the class map (RBC, WBC, platelet), each of its majority
     class: what models without an instance output give (touching cells of a group stay one object)."""
-    group = GROUP_OF[labels]
-    inst = np.zeros(labels.shape, np.int32)
-    offset = 0
-    for g in (1, 2, 3):
-        mask = group == g
-        if not mask.any():
-            continue
+    def regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
         n, cc = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        inst = np.where(mask, cc + offset, inst)
-        offset += n - 1
-    return _finish(inst, probs, labels, min_area)
+        return cc, n - 1
+
+    return _finish(_per_group(GROUP_OF[labels], regions), probs, labels, min_area)
 
 
 def measure(inst: np.ndarray, classes: np.ndarray, confidence: np.ndarray) -> Cells:

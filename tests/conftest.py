@@ -52,3 +52,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory) -> Path:
+    """The built-in 'tiny' recipe composed once per test session (a couple of seconds): images, labels, instances."""
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("tiny")
+    recipe = load_recipe("tiny")
+    pools, info = sprite_pools(None, recipe)
+    compose(recipe, pools, out, info, workers=1, progress=False)
+    return out

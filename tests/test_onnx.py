@@ -25,19 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    """The built-in 'tiny' recipe composed once (a couple of seconds)."""
-    from bloodcells.composer.dataset import compose, sprite_pools
-    from bloodcells.composer.recipe import load_recipe
-
-    out = tmp_path_factory.mktemp("tiny")
-    recipe = load_recipe("tiny")
-    pools, info = sprite_pools(None, recipe)
-    compose(recipe, pools, out, info, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def exported(scenes, tmp_path_factory) -> tuple[Path, Path]:
     """A random width-8 U-Net with the scenes' normalisation, saved as a checkpoint and exported by the CLI."""
     info = DatasetInfo.read(scenes)
