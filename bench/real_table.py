@@ -30,8 +30,7 @@ def row(name: str, run: Path, real: str, test: str) -> str:
     if t is not None:
         inst = t.get("instances") or {}
         pq = inst.get("per_class_pq") or [None] * 10
-        mae = inst.get("per_class_count_mae") or [None] * 10
-        rbc_mae = None if mae[8] is None else mae[8] + mae[9]
+        rbc_mae = (inst.get("per_group_count_mae") or {}).get("rbc")
         cells += [_f(t["pixel_accuracy"]), _f(pq[8], 2), _f(pq[9], 2), _f(rbc_mae, 2)]
     else:
         cells += ["-"] * 4

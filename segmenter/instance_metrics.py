@@ -21,7 +21,7 @@ from pycocotools import mask as cocomask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.classes import GROUPS, NAMES, NUM_CLASSES
 
 CELL_CLASSES = range(1, NUM_CLASSES)
 
@@ -59,6 +59,7 @@ class InstanceScorer:
     count_err: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES))
     count_signed: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES))
     true_counts: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES))
+    group_err: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
     scenes: int = 0
     _gt: list[dict] = field(default_factory=list)
     _dt: list[dict] = field(default_factory=list)
@@ -88,6 +89,10 @@ class InstanceScorer:
             self.count_err[c] += abs(int(p.sum()) - true_n)
             self.count_signed[c] += int(p.sum()) - true_n
             self.true_counts[c] += true_n
+        for g, names in GROUPS.items():  # counts of a group: a cell typed as its neighbour class still counts
+            members = [NAMES.index(n) for n in names]
+            true_n = int((np.isin(gt_classes, members) & ~ignore).sum())
+            self.group_err[g] += abs(int(np.isin(pred_classes, members).sum()) - true_n)
         self.scenes += 1
         image_id = len(self._images) + 1
         h, w = gt.shape
@@ -146,6 +151,7 @@ class InstanceScorer:
                 "per_class_count_mae": per_class(self.count_err / n),
                 "per_class_count_bias": per_class(self.count_signed / n),
                 "per_class_true_per_scene": per_class(self.true_counts / n),
+                "per_group_count_mae": {g: v / n for g, v in self.group_err.items()},
                 "tp": self.tp.astype(int).tolist(), "fp": self.fp.astype(int).tolist(),
                 "fn": self.fn.astype(int).tolist()}
 
@@ -164,4 +170,7 @@ def format_instance_table(r: Mapping[str, Any]) -> str:
                      f"{f(r['per_class_pq'][c])}  {f(r['per_class_count_mae'][c], 7, 2)}  "
                      f"{f(r['per_class_true_per_scene'][c], 10, 1)}")
     lines.append(f"mask AP {f(r['ap'], 0)}   AP50 {f(r['ap50'], 0)}   PQ {f(r['pq'], 0)}   ({r['scenes']} scenes)")
+    if r.get("per_group_count_mae"):
+        lines.append("count error per scene (mean absolute): " + ", ".join(
+            f"{g} {v:.2f}" for g, v in r["per_group_count_mae"].items()))
     return "\n".join(lines)

@@ -119,6 +119,7 @@ def test_metrics_score_a_perfect_and_a_merged_prediction():
     assert r2["tp"][RBC] == 0 and r2["fn"][RBC] == 2 and r2["fp"][RBC] == 1 and r2["per_class_pq"][RBC] == 0
     assert r2["per_class_pq"][index_of("lymphocyte")] == pytest.approx(1.0)
     assert r2["per_class_count_mae"][RBC] == 1 and r2["per_class_count_bias"][RBC] == -1
+    assert r2["per_group_count_mae"] == {"rbc": 1, "wbc": 0, "platelet": 0}
 
 
 def test_specks_of_the_truth_are_neither_missed_nor_counted():
