@@ -63,8 +63,10 @@ def main() -> None:
         labels = probs.argmax(axis=0).astype(np.uint8) if small.shape[:2] == image.shape[:2] \
             else labels_at(probs, image.shape[:2])
 
+        model_labels = probs.argmax(axis=0).astype(np.uint8)  # made for the class map anyway
+
         def post() -> int:
-            c = decode(probs, aux, mode, min_area)
+            c = decode(probs, aux, mode, min_area, labels=model_labels)
             inst = upsample(c, labels)
             return len(measure(inst, c.classes, c.confidence))
 

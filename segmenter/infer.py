@@ -240,7 +240,7 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     model_labels = probs.argmax(axis=0).astype(np.uint8)
     mode = meta.get("config", {}).get("instance")
     if mode and len(aux):
-        cells = decode(probs, aux[0], mode, min_area)
+        cells = decode(probs, aux[0], mode, min_area, labels=model_labels)
     else:
         cells, mode = components(model_labels, min_area, probs), "area"
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])

@@ -18,6 +18,7 @@ checkpoints without the output: each connected region of one class is one object
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import cv2
@@ -109,21 +110,17 @@ class Cells:
 
 
 def _facts(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """(classes, areas, confidence) of objects 1..n: class by the summed probability over the object's pixels
-    (by majority of the class map without probabilities)."""
+    """(classes, areas, confidence) of objects 1..n: the class most of an object's pixels have in the class map, and
+    the mean of the top class probability over its pixels (1 without probabilities)."""
     flat = inst.ravel()
-    areas = np.bincount(flat, minlength=n + 1)[1:].astype(np.int64)
-    if probs is not None:
-        mass = np.stack([np.bincount(flat, weights=probs[c].ravel(), minlength=n + 1)[1:]
-                         for c in range(1, probs.shape[0])], axis=1)  # (n, C - 1)
-        classes = mass.argmax(axis=1) + 1
-        confidence = mass[np.arange(n), classes - 1] / np.maximum(areas, 1)
-    else:
-        hist = np.bincount(flat * NUM_CLASSES + labels.ravel(), minlength=(n + 1) * NUM_CLASSES)
-        hist = hist.reshape(n + 1, NUM_CLASSES)[1:, 1:]
-        classes = hist.argmax(axis=1) + 1
-        confidence = np.ones(n)
-    return classes.astype(np.int64), areas, confidence.astype(np.float64)
+    hist = np.bincount(flat * NUM_CLASSES + labels.ravel(), minlength=(n + 1) * NUM_CLASSES)
+    hist = hist.reshape(n + 1, NUM_CLASSES)[1:]
+    areas = hist.sum(axis=1).astype(np.int64)
+    classes = hist[:, 1:].argmax(axis=1) + 1
+    if probs is None:
+        return classes.astype(np.int64), areas, np.ones(n)
+    top = np.bincount(flat, weights=probs.max(axis=0).ravel(), minlength=n + 1)[1:]
+    return classes.astype(np.int64), areas, top / np.maximum(areas, 1)
 
 
 def _finish(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
@@ -142,9 +139,10 @@ def _finish(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
 
 
 def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int, float] | None = None,
-           seed: float | None = None) -> Cells:
-    """Cells from class probabilities (C, H, W) and the predicted instance map (H, W) in [0, 1]."""
-    labels = probs.argmax(axis=0)
+           seed: float | None = None, labels: np.ndarray | None = None) -> Cells:
+    """Cells from class probabilities (C, H, W) and the predicted instance map (H, W) in [0, 1] (labels: their
+    argmax, when the caller has it already)."""
+    labels = probs.argmax(axis=0).astype(np.uint8) if labels is None else labels
     group = GROUP_OF[labels]
     t = SEED[mode] if seed is None else seed
     if mode == "distance":
@@ -155,18 +153,42 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
         raise ValueError(f"unknown instance output {mode!r}")
 
     def cells_of(mask: np.ndarray) -> tuple[np.ndarray, int]:
-        # seeds of one group only, so cells of different groups never share a seed or flood into each other
-        n, markers = cv2.connectedComponents((seeds & mask).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        region = watershed(elevation, markers, mask=mask) if n > 1 else np.zeros(mask.shape, np.int32)
-        # parts of the group no seed reached (small or faint cells) become objects of their own
-        rest = mask & (region == 0)
-        if rest.any():
-            m, extra = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-            region = np.where(rest, extra + (n - 1) * (extra > 0), region)
-            n += m - 1
-        return region, n - 1
+        return flood(mask, seeds, elevation)
 
     return _finish(_per_group(group, cells_of), probs, labels, min_area)
+
+
+def flood(mask: np.ndarray, seeds: np.ndarray, elevation: np.ndarray) -> tuple[np.ndarray, int]:
+    """Objects of one group (ids 1..n within mask, n): each seed region grown over its part of the mask by a marker
+    watershed on `elevation`; parts no seed reaches become objects of their own.
+
+    The same as one watershed over the whole mask, but run only where it decides something: a connected part of
+    the mask with one seed is that seed's object as it is, and a part with several seeds is flooded within its own
+    bounding box (a smear's cells mostly lie apart, so this costs a fraction of flooding the whole image)."""
+    n_parts, parts = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    # seeds of this group only, so cells of different groups never share a seed or flood into each other
+    n_seeds, markers = cv2.connectedComponents((seeds & mask).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    seed_part = np.zeros(n_seeds, np.int64)  # the part each seed lies in
+    where = markers > 0
+    seed_part[markers[where]] = parts[where]
+    per_part = np.bincount(seed_part[1:], minlength=n_parts)
+    out = np.zeros(mask.shape, np.int32)
+    next_id = 1
+    for k, sl in enumerate(ndimage.find_objects(parts), start=1):
+        if sl is None:
+            continue
+        part = parts[sl] == k
+        if per_part[k] >= 2:
+            region = watershed(elevation[sl], markers[sl] * part, mask=part)
+            ids = np.unique(region[region > 0])
+            lut = np.zeros(int(region.max()) + 1, np.int32)
+            lut[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
+            out[sl][part] = lut[region[part]]
+            next_id += len(ids)
+        else:  # one seed (or none: a small or faint cell no seed reached): the part is one object
+            out[sl][part] = next_id
+            next_id += 1
+    return out, next_id - 1
 
 
 def _per_group(group: np.ndarray, cells_of) -> np.ndarray:
@@ -193,6 +215,13 @@ def components(labels: np.ndarray, min_area: Mapping[int, float] | None = None,
     return _finish(_per_group(GROUP_OF[labels], regions), probs, labels, min_area)
 
 
+@lru_cache(maxsize=4)
+def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat row and column coordinates of an image shape (kept: a video's frames share one shape)."""
+    ys, xs = np.indices(shape, dtype=np.float64)
+    return ys.ravel(), xs.ravel()
+
+
 def measure(inst: np.ndarray, classes: np.ndarray, confidence: np.ndarray) -> Cells:
     """Cells of an instance map whose objects' classes and confidences are known (e.g. after resizing the map):
     objects that vanished are dropped and the rest renumbered 1..n."""
@@ -209,10 +238,10 @@ def measure(inst: np.ndarray, classes: np.ndarray, confidence: np.ndarray) -> Ce
             boxes[k] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
     areas = areas[keep]
     if m:
-        ys, xs = np.indices(inst.shape, dtype=np.float64)
+        ys, xs = _grid(inst.shape)
         flat = inst.ravel()
-        centres = np.stack([np.bincount(flat, weights=xs.ravel(), minlength=m + 1)[1:] / areas,
-                            np.bincount(flat, weights=ys.ravel(), minlength=m + 1)[1:] / areas], axis=1)
+        centres = np.stack([np.bincount(flat, weights=xs, minlength=m + 1)[1:] / areas,
+                            np.bincount(flat, weights=ys, minlength=m + 1)[1:] / areas], axis=1)
     else:
         centres = np.zeros((0, 2))
     return Cells(inst, np.asarray(classes)[keep], areas.astype(np.int64), np.asarray(confidence)[keep], boxes, centres)
