@@ -136,3 +136,26 @@ def test_specks_of_the_truth_are_neither_missed_nor_counted():
 def test_rbc_summary_gives_parasitaemia():
     assert rbc_summary({"infected_rbc": 3, "healthy_rbc": 97}) == {"rbc_total": 100, "parasitemia_pct": 3.0}
     assert rbc_summary({"infected_rbc": 0, "healthy_rbc": 0}) == {"rbc_total": 0, "parasitemia_pct": None}
+
+
+def test_flooding_part_by_part_equals_one_watershed_over_the_mask(scenes):
+    """The shortcut (one-seed parts as they are, the others flooded in their own box) gives the same objects as a
+    watershed over the whole mask, up to their numbering."""
+    from skimage.segmentation import watershed
+
+    from bloodcells.segmenter.instances import flood
+
+    items, _ = scenes
+    rng = np.random.default_rng(0)
+    for label, inst, _ in items[:6]:
+        aux = distance_target(inst) + rng.normal(0, 0.05, inst.shape).astype(np.float32)  # noisy, several maxima
+        mask, seeds = label > 0, aux > 0.5
+        ours, n = flood(mask, seeds, -aux)
+        _, markers = cv2.connectedComponents((seeds & mask).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        ref = watershed(-aux, markers, mask=mask)
+        rest = mask & (ref == 0)
+        _, extra = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        ref = np.where(rest, extra + ref.max() * (extra > 0), ref)
+        assert n == len(np.unique(ref[ref > 0])) and ((ours > 0) == mask).all()
+        pairs = np.unique(np.stack([ours[mask], ref[mask]]), axis=1)  # a one-to-one relabelling
+        assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
