@@ -4,10 +4,13 @@ Usage: python bench/instances.py --model runs/realistic/best.pt [--images 8] [--
 
 On BCCD test smears (640x480; $BLOODCELLS_DATA or ../shared/datasets), for a checkpoint with an instance output:
 - predict: the tiled class probabilities and instance map at model scale (`segmenter.infer.predict_logits`),
+- the whole prediction of the smear as `cli predict` makes it without cells: the `--scale auto` estimate (when
+  asked), resizing, the tiled probabilities and the class map at the input's size (`labels_at`),
 - post-processing: decoding cells from them (seeded watershed, `segmenter.instances.decode`), resizing the instance
   map to the input's size and measuring every cell (`upsample`, `measure`), as `cli predict` does,
 each the fastest of `--iters` runs per smear (other processes only ever add time), summed over the smears; the
-ratio post-processing / predict is the added share (target: at most 25%).
+ratio post-processing / whole prediction is the added share (target: at most 25%); the share of the model's
+part alone is printed too.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def main() -> None:
     print(f"command: python bench/instances.py {' '.join(sys.argv[1:])}")
     print(f"nproc: {os.cpu_count()}; CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    t_pred = t_post = 0.0
+    t_pred = t_full = t_post = 0.0
     cells = 0
     for stem in stems:
         image = read_rgb(data / "JPEGImages" / f"{stem}.jpg")
@@ -58,6 +61,13 @@ def main() -> None:
         small = resize_image(image, factor)
         out = predict_logits(model, meta, small)
         t_pred += best_seconds(lambda: predict_logits(model, meta, small), 0, args.iters)
+
+        def whole() -> None:
+            f = auto_scale(image)[0] if args.scale == "auto" else float(args.scale)
+            o = predict_logits(model, meta, resize_image(image, f))[:NUM_CLASSES]
+            o.argmax(axis=0) if f == 1 else labels_at(o, image.shape[:2])
+
+        t_full += best_seconds(whole, 0, args.iters)
         probs, aux = out[:NUM_CLASSES], out[NUM_CLASSES]
         # the class map at the input's size is made with or without instances: not part of their cost
         labels = probs.argmax(axis=0).astype(np.uint8) if small.shape[:2] == image.shape[:2] \
@@ -74,10 +84,13 @@ def main() -> None:
         t_post += best_seconds(post, 0, args.iters)
     n = len(stems)
     print(f"\n{n} BCCD test smears (640x480), scale {args.scale}, {mode} output, {cells / n:.0f} cells per smear\n")
-    print("| step | ms per smear | share of predict |")
-    print("|---|---|---|")
-    print(f"| predict (tiles, probabilities, instance map) | {1000 * t_pred / n:.1f} | 1.00 |")
-    print(f"| post-processing (decode, resize, measure) | {1000 * t_post / n:.1f} | {t_post / t_pred:.2f} |")
+    print("| step | ms per smear | share of the whole prediction | share of the model's part |")
+    print("|---|---|---|---|")
+    print(f"| whole prediction without cells (scale, resize, model, class map) | {1000 * t_full / n:.1f} | 1.00 | "
+          f"{t_full / t_pred:.2f} |")
+    print(f"| model's part (tiles, probabilities, instance map) | {1000 * t_pred / n:.1f} | {t_pred / t_full:.2f} | 1.00 |")
+    print(f"| post-processing (decode, resize, measure) | {1000 * t_post / n:.1f} | {t_post / t_full:.2f} | "
+          f"{t_post / t_pred:.2f} |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

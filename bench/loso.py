@@ -9,6 +9,10 @@ type. It also scores the same model on BCCD's test smears.
     python bench/loso.py --bank sprites --holdout tecom --out loso/tecom
     python bench/loso.py --bank sprites --holdout lisc --out loso/lisc
     python bench/loso.py --bank sprites --holdout pbc --recipe bench/recipes/base.yaml --augment geometric --out loso/pbc-base
+    python bench/loso.py --holdout pbc --model runs/realistic/best.pt --out loso/pbc-in-bank   # a model that saw them
+
+With `--model`, nothing is composed or trained: that model is scored on the source's crops (the comparison: a
+model whose bank held the source's sprites, whose own crops it was partly cut from).
 
 Each step is skipped when its output exists (compose and training resume), so an interrupted run is re-run with
 the same command. Results: <out>/loso.json and a table on stdout (bench/RESULTS.md records them).
@@ -29,6 +33,7 @@ from bloodcells.composer.aliases import AliasTable  # noqa: E402
 from bloodcells.composer.dataset import compose, sprite_pools  # noqa: E402
 from bloodcells.composer.recipe import load_recipe  # noqa: E402
 from bloodcells.composer.sources import list_items  # noqa: E402
+from bloodcells.segmenter.checkpoint import load_checkpoint  # noqa: E402
 from bloodcells.segmenter.realeval import evaluate_crops, evaluate_real  # noqa: E402
 from bloodcells.segmenter.train import TrainConfig, train  # noqa: E402
 
@@ -51,44 +56,56 @@ def crops(datasets: Path, holdout: str) -> list[tuple[Path, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bank", type=Path, required=True, help="sprite bank of all five real sources")
+    ap.add_argument("--bank", type=Path, help="sprite bank of all five real sources")
+    ap.add_argument("--model", type=Path, help="score this checkpoint instead of composing and training")
     ap.add_argument("--holdout", choices=sorted(HOLDOUTS), required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipe", default="realistic")
     ap.add_argument("--augment", default="full")
-    ap.add_argument("--epochs", type=int, default=7)
+    ap.add_argument("--epochs", type=int, default=7, help="learning rate x0.1 for the last two epochs")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--datasets", type=Path,
                     default=Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets")))
     args = ap.parse_args()
+    if (args.bank is None) == (args.model is None):
+        ap.error("give --bank (compose and train without the source) or --model (score that model)")
     source = HOLDOUTS[args.holdout][0]
     data, run = args.out / "data", args.out / "run"
     t0 = time.time()
-    recipe = load_recipe(args.recipe)
-    pools, info = sprite_pools(args.bank, recipe, exclude=[source])
-    print(f"compose {recipe['name']} without {source} -> {data}", flush=True)
-    compose(recipe, pools, data, info, workers=2)
-    t1 = time.time()
-    print(f"train -> {run}", flush=True)
-    summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
-                                steps_per_epoch=args.steps, milestones=(5,), weight_power=0.5, dice_weight=0.5,
-                                threads=2, augment=args.augment, progress=False))
+    if args.model is None:
+        recipe = load_recipe(args.recipe)
+        pools, info = sprite_pools(args.bank, recipe, exclude=[source])
+        print(f"compose {recipe['name']} without {source} -> {data}", flush=True)
+        compose(recipe, pools, data, info, workers=2)
+        t1 = time.time()
+        print(f"train -> {run}", flush=True)
+        summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
+                                    steps_per_epoch=args.steps, milestones=(max(1, args.epochs - 2),), weight_power=0.5, dice_weight=0.5,
+                                    threads=2, augment=args.augment, progress=False))
+        model, recipe_name, augment, budget = run / "best.pt", recipe["name"], args.augment, \
+            {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8}
+    else:
+        t1 = t0
+        summary, model = {}, args.model
+        cfg = (load_checkpoint(model).get("training") or {}).get("config") or {}
+        recipe_name, augment, budget = f"(given model, data {cfg.get('data')})", cfg.get("augment"), None
+        args.out.mkdir(parents=True, exist_ok=True)
     t2 = time.time()
-    model = run / "best.pt"
     held = crops(args.datasets, args.holdout)
     typing = evaluate_crops(model, held, scale="auto", progress=False)
     bccd = evaluate_real(model, args.datasets / "bccd" / "BCCD", layout="voc", split="test", scale="auto",
                          wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
                          out=args.out / "bccd-test")
-    result = {"holdout": args.holdout, "source": source, "recipe": recipe["name"], "augment": args.augment,
-              "budget": {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8},
+    result = {"holdout": args.holdout, "source": source, "model": str(model), "left_out": args.model is None,
+              "recipe": recipe_name, "augment": augment, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
               "best": summary.get("best"), "crops": typing,
               "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},
                             "wbc_subtype": bccd["wbc_subtype"]["accuracy"],
                             "rbc_infected_share": bccd["rbc_infected_share"]}}
     (args.out / "loso.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nleft out {source}; trained on {recipe['name']} with --augment {args.augment}")
+    print(f"\nleft out {source}; trained on {recipe_name} with --augment {augment}" if args.model is None
+          else f"\n{model} (its bank may hold {source})")
     print(f"its {typing['images']} crops: centre cell typed right {100 * typing['accuracy']:.1f}%, "
           f"a white cell found at the centre {100 * typing['found']:.1f}%")
     for c, r in typing["per_class"].items():

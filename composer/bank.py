@@ -254,12 +254,17 @@ class SpriteBank:
                 rej[(e["source"], r["reason"])] += 1
         head = ["class"] + [f"{sp}" for sp in SPLITS] + ["total"] + sources
         rows = [head]
-        for cls in NAMES[1:] + ("background",):
+
+        def row(cls: str, label: str) -> list[str]:
             per_split = [sum(v for (c, sp, _), v in acc.items() if c == cls and sp == s) for s in SPLITS]
             per_src = [sum(v for (c, _, so), v in acc.items() if c == cls and so == src) for src in sources]
-            rows.append([cls] + [str(n) for n in per_split] + [str(sum(per_split))] + [str(n) for n in per_src])
+            return [label] + [str(n) for n in per_split] + [str(sum(per_split))] + [str(n) for n in per_src]
+
+        rows += [row(cls, cls) for cls in NAMES[1:]]
         tot = [sum(int(r[i]) for r in rows[1:]) for i in range(1, len(head))]
-        rows.append(["total"] + [str(t) for t in tot])
+        rows.append(["total cells"] + [str(t) for t in tot])
+        # cell-free plasma fields are not cells: listed after the total, not in it
+        rows.append(row("background", "plasma fields"))
         rrows = [["source", "rejected", "reason"]]
         for (src, reason), n in sorted(rej.items(), key=lambda kv: (kv[0][0], -kv[1])):
             rrows.append([src, str(n), reason])

@@ -259,6 +259,12 @@ def test_cli_stats_and_sheet(real_bank, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "stats", str(bank.root)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "healthy_rbc" in r.stdout and "reserved" in r.stdout
+    table = {ln.split("  ")[0].strip(): ln.split() for ln in r.stdout.splitlines() if ln.strip()}
+    cells = sum(1 for rec in bank.records() if rec["class"] != "background")
+    fields = sum(1 for rec in bank.records(fields=True) if rec["class"] == "background")
+    assert fields > 0 and "total cells" in table and "plasma fields" in table
+    assert int(table["total cells"][5]) == cells  # class, total, cells: train val test total
+    assert int(table["plasma fields"][5]) == fields
     out = tmp_path / "sheet.png"
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "sheet", str(bank.root), "--out", str(out),
                         "--per-class", "4"], capture_output=True, text=True)
