@@ -5,7 +5,7 @@ composes a dataset from the bank *without* one source, trains on it, and predict
 crops at their own scale (`--scale auto`): the share of crops whose centre cell is found and gets the right WBC
 type. It also scores the same model on BCCD's test smears.
 
-    python bench/loso.py --bank sprites --holdout pbc  --out loso/pbc        # about 40 min on 2 cores
+    python bench/loso.py --bank sprites --holdout pbc  --out loso/pbc        # 35-60 min on 2 cores (7 x 800 steps)
     python bench/loso.py --bank sprites --holdout tecom --out loso/tecom
     python bench/loso.py --bank sprites --holdout lisc --out loso/lisc
     python bench/loso.py --bank sprites --holdout pbc --recipe bench/recipes/base.yaml --augment geometric --out loso/pbc-base

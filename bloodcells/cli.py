@@ -186,7 +186,7 @@ def train_cmd(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop with a resumable last.pt after this much wall-clock time"),
     workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads (default: torch's choice)"),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x; the default)"),
     instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
     instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
@@ -448,8 +448,9 @@ def quickstart_cmd(
     compose(r, pools, data, info, workers=2)
     typer.echo(f"2/4 train a U-Net (width 16) for up to {minutes:g} min -> {run}")
     resume = str(run) if (run / "last.pt").is_file() else None
+    # a few minutes on the built-in scenes, scored on them: flips and turns only (full augmentation is for real smears)
     cfg = TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=40, steps_per_epoch=40,
-                      milestones=(30,), lr=2e-3, dice_weight=0.5, weight_power=0.5, max_minutes=minutes,
+                      milestones=(30,), lr=2e-3, dice_weight=0.5, weight_power=0.5, max_minutes=minutes, augment="geometric",
                       resume=resume)
     s = train(cfg)
     # a budget that ends before the first validation leaves only last.pt

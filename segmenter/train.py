@@ -61,7 +61,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     class_weights: bool = True
     weight_power: float = 1.0  # class weights are raised to this power: 1 = median-frequency, 0.5 = milder
-    augment: str = "geometric"  # none | geometric (flips, quarter turns)
+    augment: str = "full"  # none | geometric (flips, quarter turns) | appearance | full (and scale jitter)
     instance: str | None = "auto"  # auto (distance when the scenes have instance maps) | distance | boundary | none
     instance_weight: float = 1.0  # weight of the instance output's loss beside the class loss
     seed: int = 0
