@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipe", default="realistic")
     ap.add_argument("--augment", default="full")
-    ap.add_argument("--epochs", type=int, default=7, help="learning rate x0.1 for the last two epochs")
+    ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--datasets", type=Path,
                     default=Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets")))
