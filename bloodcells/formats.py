@@ -145,6 +145,26 @@ def median_frequency_weights(freqs: Sequence[float] | np.ndarray) -> np.ndarray:
     return w
 
 
+def tied_weights(weights: Sequence[float] | np.ndarray, freqs: Sequence[float] | np.ndarray,
+                 group: Sequence[int]) -> np.ndarray:
+    """`weights` with the classes of `group` sharing one weight: the median-frequency weight of their pooled pixels.
+
+    Median-frequency weights make each class count as if it were as common as the others, so a model trained with
+    them calls an ambiguous healthy/infected red cell either way at even odds whatever the scenes' parasitemia.
+    Tied, the two classes keep their weight as a group against the others, and the choice between them follows
+    their shares in the scenes."""
+    w = np.array(weights, dtype=np.float64)
+    f = np.asarray(freqs, dtype=np.float64)
+    if w.shape != f.shape:
+        raise BloodcellsError(f"class weights and frequencies differ in length: {w.size} vs {f.size}")
+    idx = sorted(set(int(i) for i in group))
+    pooled = float(f[idx].sum()) if idx else 0.0
+    if len(idx) < 2 or pooled <= 0:
+        return w
+    w[idx] = np.median(f[f > 0]) / pooled
+    return w
+
+
 def _triple(value: object, key: str, path: Path) -> tuple[float, float, float]:
     try:
         t = tuple(float(v) for v in value)  # type: ignore[union-attr]
@@ -201,12 +221,22 @@ class DatasetInfo:
         """Whether the scenes carry instance maps (datasets of format 2 on)."""
         return self.format >= 2
 
-    def loss_weights(self) -> np.ndarray:
-        """Class weights for the loss: as stored, else recomputed from the train-split frequencies."""
+    def loss_weights(self, tie: Sequence[int] = ()) -> np.ndarray:
+        """Class weights for the loss: as stored, else recomputed from the train-split frequencies; the classes of
+        `tie` (indices) share one weight (`tied_weights`)."""
         if self.class_weights is not None:
-            return np.asarray(self.class_weights, np.float64)
-        if self.class_frequencies is not None:
-            return median_frequency_weights(self.class_frequencies)
+            w = np.asarray(self.class_weights, np.float64)
+        elif self.class_frequencies is not None:
+            w = median_frequency_weights(self.class_frequencies)
+        else:
+            w = None
+        if w is not None:
+            if tie:
+                if self.class_frequencies is None:
+                    raise BloodcellsError(f"{self.path}: has no 'class_frequencies' to tie class weights with; "
+                                          "re-compose the dataset or train without --tie-weights")
+                w = tied_weights(w, self.class_frequencies, tie)
+            return w
         raise BloodcellsError(f"{self.path}: has neither 'class_weights' nor 'class_frequencies'; "
                               "re-compose the dataset or train without class weights")
 

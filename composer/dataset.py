@@ -82,6 +82,10 @@ def plan_split(recipe: dict, split: str) -> list[ScenePlan]:
     return plans
 
 
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def check_pools(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], bank_name: str) -> None:
     """Every class the recipe needs must have sprites in every split that has scenes."""
     weights = recipe["objects"]["weights"]
@@ -89,9 +93,11 @@ def check_pools(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], bank_na
     need = set()
     if kinds.get("healthy", 0) > 0 or kinds.get("mixed", 0) > 0:
         need.add("healthy_rbc")
-    if kinds.get("infected", 0) > 0 or (kinds.get("mixed", 0) > 0 and recipe["canvas"]["infected_share"] > 0):
+    if kinds.get("infected", 0) > 0 or (kinds.get("mixed", 0) > 0 and max(_as_list(recipe["canvas"]["infected_share"])) > 0):
         need.add("infected_rbc")
     need |= {c for c in OBJECT_CLASSES if weights[c] > 0 and c != "platelet_clump"}
+    if recipe["canvas"]["platelets_on_rbc"] > 0:
+        need.add("thrombocyte")
     if weights["platelet_clump"] > 0:
         need.add("thrombocyte")
     for split, n in recipe["scenes"].items():
@@ -119,7 +125,8 @@ class Composer:
         if self._canvas is None or self._canvas[0] != plan.canvas:
             rng = np.random.default_rng([self.r["seed"], SPLIT_ID[self.split], 1, plan.canvas])
             c = rbc_canvas(rng, self.prep, self.r["canvas"]["size"], plan.kind, self.pools.get("healthy_rbc", []),
-                           self.pools.get("infected_rbc", []), self.r, self.pools.get("background", []))
+                           self.pools.get("infected_rbc", []), self.r, self.pools.get("background", []),
+                           self.pools.get("thrombocyte", []))
             boxes = np.array([p.bbox for p in c.placed], np.int64).reshape(-1, 4)
             self._canvas = (plan.canvas, (c, boxes))
         return self._canvas[1]

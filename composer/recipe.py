@@ -29,11 +29,12 @@ DEFAULTS: dict[str, Any] = {
         "size": 1000,  # RBC-only canvases, as in the original procedure
         "windows": 16,  # scene windows cropped from each canvas
         "kinds": {"healthy": 1.0, "infected": 1.0, "mixed": 1.0},
-        "infected_share": 0.3,  # share of infected RBCs on a mixed canvas
+        "infected_share": 0.3,  # share of infected RBCs on a mixed canvas (parasitemia); [low, high]: drawn per canvas
         "density": 0.8,  # chance that each slot of the RBC lattice holds a cell; [low, high]: drawn per canvas
         "overlap": 0.1,  # how far neighbouring RBCs overlap (fraction of a diameter; < 0 leaves gaps); or [low, high]
         "variants": 64,  # transformed RBC looks drawn per canvas (each pasted many times)
         "rbc_sources": "any",  # any | per_canvas: all RBCs of a canvas from one source (balances each source's classes)
+        "platelets_on_rbc": 0.0,  # share of red cells with a platelet lying on them (labelled thrombocyte)
     },
     "objects": {
         "coverage": "pairs",  # none | singles | pairs: each (type or pair) x background kind appears
@@ -62,10 +63,11 @@ DEFAULTS: dict[str, Any] = {
 
 
 SIGNED = {"canvas.overlap"}  # keys that may be negative
-RANGE_OR_NUMBER = {"canvas.density", "canvas.overlap", *(f"sizes.{c}" for c in NAMES[1:])}  # a number or [low, high]
+AT_MOST_ONE = {"canvas.infected_share"}  # ranges of shares
+RANGE_OR_NUMBER = {"canvas.density", "canvas.overlap", "canvas.infected_share", *(f"sizes.{c}" for c in NAMES[1:])}  # a number or [low, high]
 CHOICES = {"look.blend": ("optical_density", "alpha"), "canvas.rbc_sources": ("any", "per_canvas"),
            "objects.coverage": ("none", "singles", "pairs")}
-SHARES = {"look.backgrounds", "look.faint"}  # 0..1
+SHARES = {"look.backgrounds", "look.faint", "canvas.platelets_on_rbc"}  # 0..1
 
 
 def _number(v: object) -> bool:
@@ -86,6 +88,9 @@ def _check(user: dict, ref: dict, path: str, where: str) -> None:
             low = -0.9 if key in SIGNED else 0
             ok = (_number(v) and v >= low) or (isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v)
                                                and low <= v[0] <= v[1])
+            if key in AT_MOST_ONE and ok and max(v if isinstance(v, list) else [v]) > 1:
+                raise BloodcellsError(f"{where}: '{key}' is a share: a number or a range [low, high] between 0 and 1; "
+                                      f"got {v!r}")
             if not ok or (key.startswith("sizes.") and min(v if isinstance(v, list) else [v]) <= 0):
                 raise BloodcellsError(f"{where}: '{key}' must be a number or a range [low, high] "
                                       f"({'>= ' + str(low) if key in SIGNED else '> 0' if key.startswith('sizes.') else '>= 0'}), "

@@ -369,8 +369,10 @@ def rbc_pools(kind: str, healthy: list[Sprite], infected: list[Sprite], mode: st
 
 
 def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, healthy: list[Sprite],
-               infected: list[Sprite], recipe: dict, backgrounds: list[Sprite] | None = None) -> Canvas:
-    """An RBC-only canvas: plasma background with RBCs on a jittered hexagonal lattice."""
+               infected: list[Sprite], recipe: dict, backgrounds: list[Sprite] | None = None,
+               thrombocytes: list[Sprite] | None = None) -> Canvas:
+    """An RBC canvas: plasma background with RBCs on a jittered hexagonal lattice, and with
+    `canvas.platelets_on_rbc` > 0, platelets lying on a share of them."""
     look, cv, sizes = recipe["look"], recipe["canvas"], recipe["sizes"]
     plasma = pick_plasma(rng, look, size, backgrounds or [])
     if prep.additive:
@@ -403,7 +405,7 @@ def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, h
     elif kind == "infected" or not healthy:
         is_inf = np.ones(len(pts), bool)
     else:
-        is_inf = rng.uniform(0, 1, len(pts)) < cv["infected_share"]
+        is_inf = rng.uniform(0, 1, len(pts)) < _draw(rng, cv["infected_share"])
     # Each canvas draws a set of transformed RBC variants once and pastes them many times:
     # transforming is most of a paste's cost, and a field of RBCs repeats shapes anyway.
     variants = {}
@@ -420,6 +422,19 @@ def rbc_canvas(rng: np.random.Generator, prep: Prepared, size: int, kind: str, h
         bbox = paste(img, label, layer, index_of(s.cls), float(x), float(y), inst, len(placed) + 1, prep.additive)
         if bbox is not None:
             placed.append(Placed(s.cls, s.id, s.source, (float(x), float(y)), bbox, angle, flip, scale))
+    if cv["platelets_on_rbc"] > 0 and thrombocytes and placed:
+        # In real smears platelets often lie on red cells: a small purple body inside a red cell that is not a
+        # parasite. Without such cells in the scenes, "a dark dot inside a red cell" means "infected".
+        rbcs = placed[:]
+        on = np.flatnonzero(rng.uniform(0, 1, len(rbcs)) < cv["platelets_on_rbc"])
+        for k in on:
+            cx, cy = rbcs[k].centre
+            r, t = 0.3 * d * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+            s = thrombocytes[int(rng.integers(len(thrombocytes)))]
+            p = place_sprite(img, label, rng, prep, s, sizes, look, float(cx + r * np.cos(t)),
+                             float(cy + r * np.sin(t)), inst, len(placed) + 1)
+            if p is not None:
+                placed.append(p)
     return Canvas(img, label, inst, placed, plasma, dens, overlap, src)
 
 

@@ -112,6 +112,8 @@ def _training_section(meta: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[s
     stopped = meta.get("stopped")
     loss = "cross-entropy" + (f", class-weighted (weight power {cfg.get('weight_power', 1.0):g})"
                               if cfg.get("class_weights", True) else "")
+    if cfg.get("class_weights", True) and cfg.get("tie_weights"):
+        loss += f", one weight for {' and '.join(cfg['tie_weights'])}"
     if cfg.get("dice_weight"):
         loss += f" + {cfg['dice_weight']:g} x soft Dice"
     milestones = ", ".join(str(m) for m in cfg.get("milestones", []))

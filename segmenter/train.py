@@ -61,6 +61,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     class_weights: bool = True
     weight_power: float = 1.0  # class weights are raised to this power: 1 = median-frequency, 0.5 = milder
+    tie_weights: tuple[str, ...] = ()  # classes sharing one class weight (e.g. the two red-cell classes)
     augment: str = "full"  # none | geometric (flips, quarter turns) | appearance | full (and scale jitter)
     instance: str | None = "auto"  # auto (distance when the scenes have instance maps) | distance | boundary | none
     instance_weight: float = 1.0  # weight of the instance output's loss beside the class loss
@@ -86,6 +87,7 @@ class TrainConfig:
             if value is not None:
                 setattr(self, key, str(value))
         self.milestones = tuple(int(m) for m in self.milestones)
+        self.tie_weights = parse_tie(self.tie_weights)
         self.model_options = dict(self.model_options)
         self.augment = augment_level(self.augment)
         if self.instance in ("none", ""):
@@ -95,6 +97,7 @@ class TrainConfig:
         """Plain JSON-able fields."""
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
+        d["tie_weights"] = list(self.tie_weights)
         return d
 
     @classmethod
@@ -102,7 +105,7 @@ class TrainConfig:
         """Inverse of to_dict; unknown keys (from another version) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         # runs saved before the instance output existed have none
-        return cls(**{"instance": None, **{k: v for k, v in d.items() if k in names}})
+        return cls(**{"instance": None, "tie_weights": (), **{k: v for k, v in d.items() if k in names}})
 
     def check(self) -> None:
         """Reject values that cannot work, naming the flag."""
@@ -126,6 +129,24 @@ class TrainConfig:
             raise BloodcellsError(f"--max-minutes must be > 0; got {self.max_minutes}")
         if any(m < 1 for m in self.milestones):
             raise BloodcellsError(f"--milestones must be epochs >= 1; got {list(self.milestones)}")
+
+
+def parse_tie(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Class names from 'a,b' or a list: at least two of the class table's names, or none."""
+    if value is None or value == "" or value == "none":
+        return ()
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    names = []
+    for item in (i for i in items if i):
+        name = item.lower()
+        if name not in NAMES or name == "background":
+            raise BloodcellsError(f"--tie-weights: unknown class {item!r}; choose from {', '.join(NAMES[1:])}")
+        if name not in names:
+            names.append(name)
+    if len(names) == 1:
+        raise BloodcellsError(f"--tie-weights needs two or more classes to tie, e.g. healthy_rbc,infected_rbc; "
+                              f"got {value!r}")
+    return tuple(names)
 
 
 RUN_FILES = ("last.pt", "last.json", "last.md", "best.pt", "best.json", "best.md", "history.csv", "curves.png")
@@ -280,7 +301,8 @@ class _Run:
             self.class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         else:
             self.mean, self.std = info.mean, info.std
-            self.class_weights = (torch.tensor(info.loss_weights() ** cfg.weight_power, dtype=torch.float32)
+            tie = [NAMES.index(c) for c in cfg.tie_weights]
+            self.class_weights = (torch.tensor(info.loss_weights(tie) ** cfg.weight_power, dtype=torch.float32)
                                   if cfg.class_weights else None)
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
                                              augment=cfg.augment, seed=cfg.seed, cache=cfg.cache,

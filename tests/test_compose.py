@@ -436,6 +436,50 @@ def test_density_ranges_and_sizes_drawn_per_canvas(builtin):
         validate({"canvas": {"density": [0.9, 0.2]}})
 
 
+def test_parasitemia_range_drawn_per_mixed_canvas(builtin):
+    """canvas.infected_share as [low, high]: each mixed canvas's share of infected red cells is drawn in it."""
+    _, pools, _ = builtin
+    shares = {}
+    for rng_ in ([0.02, 0.08], [0.85, 0.95]):
+        rec = validate({**TINY, "canvas": {"kinds": {"healthy": 0, "infected": 0, "mixed": 1},
+                                           "infected_share": rng_, "size": 448, "windows": 8}})
+        comp = Composer(rec, "train", pools["train"])
+        per_canvas = []
+        for i in (0, 8, 16):
+            objs = comp.scene(i)[3]["objects"]
+            rbc = [o["class"] for o in objs if o["class"].endswith("_rbc")]
+            per_canvas.append(rbc.count("infected_rbc") / len(rbc))
+        shares[tuple(rng_)] = per_canvas
+    assert max(shares[(0.02, 0.08)]) < 0.25 and min(shares[(0.85, 0.95)]) > 0.7, shares
+    with pytest.raises(BloodcellsError, match="canvas.infected_share"):
+        validate({"canvas": {"infected_share": [0.5, 1.2]}})
+    with pytest.raises(BloodcellsError, match="canvas.infected_share"):
+        validate({"canvas": {"infected_share": [0.4, 0.1]}})
+
+
+def test_platelets_lie_on_red_cells_when_asked(builtin):
+    """canvas.platelets_on_rbc: a platelet inside a share of the red cells, labelled thrombocyte, its own object."""
+    _, pools, _ = builtin
+    no_objects = {"coverage": "none", "count": [0, 0]}
+    on = validate({**TINY, "objects": no_objects, "canvas": {"platelets_on_rbc": 0.5, "size": 448, "windows": 8}})
+    off = validate({**TINY, "objects": no_objects, "canvas": {"size": 448, "windows": 8}})
+    img_on, lab_on, inst_on, ann_on = Composer(on, "train", pools["train"]).scene(0)
+    img_off, lab_off, _, ann_off = Composer(off, "train", pools["train"]).scene(0)
+    plts = [o for o in ann_on["objects"] if o["class"] == "thrombocyte"]
+    rbcs = [o for o in ann_on["objects"] if o["class"].endswith("_rbc")]
+    assert not [o for o in ann_off["objects"] if o["class"] == "thrombocyte"]
+    assert 0.25 * len(rbcs) < len(plts) < 0.8 * len(rbcs), (len(plts), len(rbcs))
+    thr = NAMES.index("thrombocyte")
+    for o in plts:  # each platelet is its own object, on red-cell pixels of the scene without it
+        x0, y0, x1, y1 = o["bbox"]
+        own = inst_on[y0:y1, x0:x1] == o["instance"]
+        assert own.sum() == o["pixels"] and (lab_on[y0:y1, x0:x1][own] == thr).all()
+    under = lab_off[lab_on == thr]
+    assert np.isin(under, [NAMES.index("healthy_rbc"), NAMES.index("infected_rbc")]).mean() > 0.8
+    with pytest.raises(BloodcellsError, match="platelets_on_rbc"):
+        validate({"canvas": {"platelets_on_rbc": 1.5}})
+
+
 def test_rbcs_of_a_canvas_come_from_one_source_per_canvas():
     """rbc_sources per_canvas: one source per canvas, so a source with both classes shows on healthy canvases too."""
     r = load_recipe("tiny", {**TINY, "canvas": {"rbc_sources": "per_canvas"}})

@@ -20,6 +20,18 @@ def test_class_weights_by_median_frequency() -> None:
             class_weights_from_frequencies(bad)
 
 
+def test_tied_weights_share_the_pooled_median_frequency_weight() -> None:
+    from bloodcells.formats import median_frequency_weights, tied_weights
+    freqs = [0.5, 0.1, 0.3, 0.1]  # median 0.2; classes 2 and 3 tied pool 0.4 -> weight 0.5 each
+    w = median_frequency_weights(freqs)
+    assert w.tolist() == pytest.approx([0.4, 2.0, 2.0 / 3, 2.0])
+    tied = tied_weights(w, freqs, [2, 3])
+    assert tied.tolist() == pytest.approx([0.4, 2.0, 0.5, 0.5])
+    # weight x share: untied the two classes count alike (0.2 each); tied they keep their 3:1 shares
+    assert (tied[2] * freqs[2]) / (tied[3] * freqs[3]) == pytest.approx(3.0)
+    assert tied_weights(w, freqs, []).tolist() == pytest.approx(w.tolist())
+
+
 def test_weighted_ce_matches_hand_computation() -> None:
     # two pixels: logits (2, 0) with truth 0, logits (0, 1) with truth 1; class weights (1, 3)
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (N=1, C=2, H=1, W=2)

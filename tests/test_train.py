@@ -201,6 +201,23 @@ def test_resume_refuses_changed_settings_and_missing_runs(data, tmp_path) -> Non
         resume_config(tmp_path / "nothing")
 
 
+def test_tied_class_weights_are_used_recorded_and_checked(data, tmp_path) -> None:
+    from bloodcells.segmenter.checkpoint import load_checkpoint
+    train(small(data, tmp_path / "tied", epochs=1, steps_per_epoch=1, tie_weights="infected_rbc, healthy_rbc"))
+    payload = load_checkpoint(tmp_path / "tied" / "last.pt")
+    w = payload["training"]["class_weights"]
+    i, h = NAMES.index("infected_rbc"), NAMES.index("healthy_rbc")
+    info = DatasetInfo.read(data)
+    assert w[i] == pytest.approx(w[h]) and info.loss_weights()[i] != pytest.approx(info.loss_weights()[h])
+    f = info.class_frequencies
+    assert w[i] == pytest.approx(float(np.median([x for x in f if x > 0])) / (f[i] + f[h]), rel=1e-5)
+    assert payload["training"]["config"]["tie_weights"] == ["infected_rbc", "healthy_rbc"]
+    assert "one weight for infected_rbc and healthy_rbc" in (tmp_path / "tied" / "last.md").read_text()
+    for bad, msg in (("infected_rbc,nope", "unknown class 'nope'"), ("healthy_rbc", "two or more")):
+        with pytest.raises(BloodcellsError, match=msg):
+            small(data, tmp_path / "x", tie_weights=bad)
+
+
 def test_training_into_a_run_folder_resumes_it_refuses_other_settings_or_starts_over_with_force(data, tmp_path) -> None:
     out = tmp_path / "run"
     first = train(small(data, out, epochs=1, steps_per_epoch=1))
