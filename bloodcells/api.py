@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -87,12 +87,14 @@ class Result:
 
 
 def load_model(path: str | Path, device: str = "auto", data: str | Path | None = None, tile: int = 224,
-               overlap: float = 0.25, batch: int = 8, precision: str = "auto", balance: bool = False) -> Model:
-    """Load a checkpoint for prediction; the options are those of `cli predict` (README, 'Predicting')."""
+               overlap: float = 0.25, batch: int = 8, precision: str = "auto", balance: bool = False,
+               absent: str | Sequence[str] | None = None) -> Model:
+    """Load a checkpoint for prediction; the options are those of `cli predict` (README, 'Predicting'); `absent`:
+    classes the smears are known not to hold (e.g. "infected_rbc"), never predicted."""
     from bloodcells.segmenter.predict import load_predictor
 
     return Model(Path(path), load_predictor(path, tile=tile, overlap=overlap, batch=batch, precision=precision,
-                                            device=device, data=data, balance=balance))
+                                            device=device, data=data, balance=balance, absent=absent))
 
 
 def _check_image(image: Any) -> np.ndarray:

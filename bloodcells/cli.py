@@ -274,6 +274,7 @@ PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 
 BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 TTA_OPTION = typer.Option(False, "--tta", help="average each tile over its 8 flips and quarter turns (8x slower, steadier)")
+ABSENT_OPTION = typer.Option(None, "--absent", help="classes your smears are known not to hold, never predicted, e.g. infected_rbc for smears without malaria (comma-separated)")
 
 
 @app.command("predict")
@@ -289,6 +290,7 @@ def predict_cmd(
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
+    absent: Optional[str] = ABSENT_OPTION,
     min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop objects below this share of their class's mean cell area (specks)"),
     device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
@@ -299,7 +301,7 @@ def predict_cmd(
 
     s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
                       device=device, force=force, data=data, progress=progress, balance=balance, tta=tta,
-                      min_fraction=min_fraction)
+                      min_fraction=min_fraction, absent=absent)
     typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
@@ -327,6 +329,7 @@ def colorize_cmd(
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
+    absent: Optional[str] = ABSENT_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -335,7 +338,7 @@ def colorize_cmd(
 
     r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
                      width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
-                     progress=progress, balance=balance, tta=tta)
+                     progress=progress, balance=balance, tta=tta, absent=absent)
     for line in r["failed"]:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
@@ -361,6 +364,7 @@ def evaluate_real_cmd(
     precision: str = PRECISION_OPTION,
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
+    absent: Optional[str] = ABSENT_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -372,7 +376,7 @@ def evaluate_real_cmd(
     result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
                            iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
                            tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
-                           progress=progress, balance=balance, tta=tta)
+                           progress=progress, balance=balance, tta=tta, absent=absent)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
 
@@ -408,6 +412,7 @@ def adapt_cmd(
     keep: float = typer.Option(0.5, "--keep", help="share of each class's predicted pixels kept as pseudo-labels (the most confident)"),
     scale: str = typer.Option("auto", "--scale", help="resize factor of your images to 40x, or auto (per image)"),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="label with test-time augmentation (flips and quarter turns)"),
+    absent: Optional[str] = typer.Option(None, "--absent", help="classes your smears are known not to hold, never pseudo-labelled, e.g. infected_rbc (comma-separated)"),
     augment: str = typer.Option("full", "--augment", help="augmentation of the composed scenes: none | geometric | appearance | full"),
     seed: int = typer.Option(0, "--seed"),
     precision: str = PRECISION_OPTION,
@@ -420,6 +425,7 @@ def adapt_cmd(
 
     s = adapt(AdaptConfig(model=str(model), images=list(images), data=str(data), out=str(out), rounds=rounds,
                           steps=steps, batch=batch, lr=lr, keep=keep, scale=scale, tta=tta, augment=augment,
+                          absent=absent,
                           seed=seed, precision=precision, device=device, threads=threads, progress=progress))
     for row in s["log"]:
         typer.echo(f"round {row['round']}: {100 * row['pixels_kept']:.0f}% of the pixels pseudo-labelled")

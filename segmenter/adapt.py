@@ -34,7 +34,7 @@ from bloodcells.formats import json_safe, read_json, write_json
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic
 from bloodcells.segmenter.checkpoint import load_checkpoint, save_checkpoint
 from bloodcells.segmenter.data import SegmentationDataset
-from bloodcells.segmenter.infer import auto_scale, parse_scale, predict_logits, resize_image
+from bloodcells.segmenter.infer import auto_scale, drop_classes, parse_absent, parse_scale, predict_logits, resize_image
 from bloodcells.segmenter.losses import CombinedLoss, SegmentationObjective
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import expand_inputs, file_digest, output_stems
@@ -59,6 +59,7 @@ class AdaptConfig:
     keep: float = 0.5  # share of each class's predicted pixels kept as pseudo-labels (the most confident)
     scale: str = "auto"
     tta: bool = True
+    absent: str | tuple[str, ...] | None = None  # classes the user's smears cannot hold: never pseudo-labelled
     augment: str = "full"  # augmentation of the composed scenes (segmenter.data)
     seed: int = 0
     save_every: int = 50
@@ -72,6 +73,7 @@ class AdaptConfig:
 
     def check(self) -> None:
         """Reject values that cannot work, naming the flag."""
+        self.absent = tuple(NAMES[c] for c in parse_absent(self.absent))
         for name in ("rounds", "steps", "batch", "save_every"):
             if getattr(self, name) < 1:
                 raise BloodcellsError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
@@ -126,7 +128,10 @@ def windows(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int, 
 
 
 def _settings(cfg: AdaptConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AdaptConfig.RESULT_ONLY}
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AdaptConfig.RESULT_ONLY}
+    if not d.get("absent"):  # runs recorded before the option existed continue unchanged
+        d.pop("absent", None)
+    return d
 
 
 def adapt(cfg: AdaptConfig) -> dict[str, Any]:
@@ -217,6 +222,7 @@ class _Adapt:
                         disable=not self.cfg.progress, leave=False):
             probs.append(predict_logits(self.model, self.meta, img, tta=self.cfg.tta, precision=self.cfg.precision,
                                         device=self.rt.device)[:self.num_classes])
+            probs[-1] = drop_classes(probs[-1], [NAMES.index(c) for c in self.cfg.absent])
         labels, shares = pseudo_labels(probs, self.cfg.keep)
         for f, lab in zip(files, labels):
             write_bytes_atomic(f, encode_png(lab, level=1, png_filter="none"))

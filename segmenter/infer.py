@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -150,6 +150,35 @@ def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray,
     return acc[:, :h, :w].contiguous().numpy()
 
 
+def parse_absent(value: str | Sequence[str] | None) -> tuple[int, ...]:
+    """Class indices from names ('infected_rbc' or 'a,b' or a list): classes a user's smears are known not to hold."""
+    if value is None:
+        return ()
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    out: list[int] = []
+    for item in (i for i in items if i):
+        name = item.lower()
+        if name not in NAMES or name == "background":
+            raise BloodcellsError(f"--absent: unknown class {item!r}; choose from {', '.join(NAMES[1:])}")
+        if NAMES.index(name) not in out:
+            out.append(NAMES.index(name))
+    if len(out) >= NUM_CLASSES - 1:
+        raise BloodcellsError("--absent: at least one cell class must stay possible")
+    return tuple(sorted(out))
+
+
+def drop_classes(probs: np.ndarray, absent: Sequence[int]) -> np.ndarray:
+    """Class probabilities (C, h, w) with the `absent` classes' probability given to the others in proportion to
+    theirs: a class a smear cannot hold is never predicted, and nothing else changes where the model was sure."""
+    if not absent:
+        return probs
+    p = probs.copy()
+    p[list(absent)] = 0.0
+    total = p.sum(axis=0, keepdims=True)
+    np.divide(p, np.maximum(total, np.float32(1e-12)), out=p)
+    return p
+
+
 def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
     """Resize by `factor` (area averaging when shrinking, linear when enlarging); at least 1x1."""
     if factor == 1.0:
@@ -217,14 +246,16 @@ def balance_background(image: np.ndarray) -> np.ndarray:
 def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale: float | str | None = 1.0,
             tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
             device: str | torch.device | None = None, balance: bool = False, tta: bool = False,
-            cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION) -> Prediction:
+            cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION,
+            absent: Sequence[int] = ()) -> Prediction:
     """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels and cells come back at the input's size.
 
     balance: white-balance the background to the training scenes' plasma colour first. tta: average over flips and
     quarter turns. Cells: with an instance output, decoded from it (segmenter/instances.py); without one, each
     connected region of a class is one object and counts split regions by the expected cell area (`cell_area`,
     px at 40x; the class table's discs by default). Objects below `min_fraction` of their class's expected area are
-    specks and dropped."""
+    specks and dropped. absent: class indices the image cannot hold (e.g. infected RBCs in a smear known to be free
+    of malaria); their probability goes to the other classes (`drop_classes`)."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
@@ -233,7 +264,7 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     out = predict_logits(model, meta, small, tile=tile, overlap=overlap, batch=batch, precision=precision,
                          device=device, tta=tta)
     num_classes = int(meta.get("config", {}).get("num_classes", NUM_CLASSES))
-    probs, aux = out[:num_classes], out[num_classes:]
+    probs, aux = drop_classes(out[:num_classes], absent), out[num_classes:]
     areas = table_areas()
     areas.update({int(k): float(v) for k, v in (cell_area or {}).items()})
     min_area = {c: min_fraction * a for c, a in areas.items()}

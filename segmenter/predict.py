@@ -40,7 +40,7 @@ from bloodcells.formats import json_safe, write_json
 from bloodcells.imageio import IMAGE_SUFFIXES, encode_png, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
-from bloodcells.segmenter.infer import Prediction, auto_scale, parse_scale, predict
+from bloodcells.segmenter.infer import Prediction, auto_scale, parse_absent, parse_scale, predict
 from bloodcells.segmenter.instances import CELL_COLUMNS, cell_rows, rbc_summary
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
 from bloodcells.segmenter.runtime import pick_device
@@ -185,17 +185,19 @@ class Predictor:
     balance: bool = False  # white-balance each image's background to the training plasma colour
     tta: bool = False  # average over flips and quarter turns
     min_fraction: float = MIN_FRACTION  # objects below this share of their class's expected area are specks
+    absent: tuple[int, ...] = ()  # classes the images are known not to hold: never predicted
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
                        batch=self.batch, precision=self.precision, balance=self.balance, tta=self.tta,
-                       cell_area=self.areas, min_fraction=self.min_fraction)
+                       cell_area=self.areas, min_fraction=self.min_fraction, absent=self.absent)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                    precision: str = "auto", device: str = "auto", data: str | Path | None = None,
-                   balance: bool = False, tta: bool = False, min_fraction: float = MIN_FRACTION) -> Predictor:
+                   balance: bool = False, tta: bool = False, min_fraction: float = MIN_FRACTION,
+                   absent: str | Sequence[str] | None = None) -> Predictor:
     """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
     if tile < 32 or tile % 32:
         raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
@@ -204,11 +206,12 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
         raise BloodcellsError(f"--overlap {overlap}: must be between 0 and 0.9, e.g. 0.25")
     if batch < 1:
         raise BloodcellsError(f"--batch {batch}: must be at least 1")
-    model, meta = load_model(model_path, pick_device(device))
-    areas, source = resolve_areas(meta, data)
+    dropped = parse_absent(absent)
     if not 0.0 <= min_fraction < 1.0:
         raise BloodcellsError(f"--min-fraction {min_fraction}: must be at least 0 and below 1, e.g. 0.15")
-    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction)
+    model, meta = load_model(model_path, pick_device(device))
+    areas, source = resolve_areas(meta, data)
+    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction, dropped)
 
 
 def output_files(stem: str, instances: str | None = None) -> list[str]:
@@ -232,6 +235,8 @@ def settings_key(model_path: str | Path, predictor: Predictor, factor: float | N
     key = {"model": file_digest(model_path), "scale": "auto" if factor is None else factor, "tile": predictor.tile,
            "overlap": predictor.overlap, "balance": predictor.balance, "cell_area": predictor.areas,
            "tta": predictor.tta, "min_fraction": predictor.min_fraction}
+    if predictor.absent:  # only when given, so records written before the option existed still match
+        key["absent"] = [NAMES[c] for c in predictor.absent]
     return json.loads(json.dumps(json_safe(key)))  # as read back from a record
 
 
@@ -305,11 +310,12 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
                   tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
                   progress: bool = True, balance: bool = False, tta: bool = False,
-                  min_fraction: float = MIN_FRACTION) -> RunSummary:
+                  min_fraction: float = MIN_FRACTION, absent: str | Sequence[str] | None = None) -> RunSummary:
     """Predict every input into `out` (maps, cells, counts.csv); unreadable inputs are skipped and listed."""
     out = check_out_folder(out)
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta, min_fraction)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta, min_fraction,
+                               absent)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
@@ -354,7 +360,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
                  every: int = 1, max_frames: int | None = None, fps: float = 5.0, layout: str = "side",
                  width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                  precision: str = "auto", device: str = "auto", progress: bool = True,
-                 balance: bool = False, tta: bool = False) -> dict[str, Any]:
+                 balance: bool = False, tta: bool = False, absent: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
     out = Path(out)
     kind = out.suffix.lower()
@@ -367,7 +373,8 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
     if width is not None and width < 16:
         raise BloodcellsError(f"--width {width}: must be at least 16 px")
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta,
+                               absent=absent)
     paths, problems = expand_inputs(inputs, videos=True)
     if not paths:
         raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))

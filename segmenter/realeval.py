@@ -108,7 +108,8 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
                   wbc_labels: str | Path | None = None, out: str | Path | None = None,
                   max_images: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
-                  progress: bool = True, balance: bool = False, tta: bool = False) -> dict[str, Any]:
+                  progress: bool = True, balance: bool = False, tta: bool = False,
+                  absent: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Predict every annotated smear of a split, match its cells to boxes per group, write metrics.json and add
     the scores to the model card beside the checkpoint."""
     if not 0.0 < iou <= 1.0:
@@ -123,7 +124,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         raise BloodcellsError(f"{root}: no annotated images in split {split!r}")
     subtypes = read_wbc_subtypes(wbc_labels) if wbc_labels is not None else None
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta=tta,
-                               min_fraction=min_fraction)
+                               min_fraction=min_fraction, absent=absent)
     totals = {g: Counter() for g in GROUP_NAMES}
     rbc_px = np.zeros(2, np.int64)  # pixels predicted infected, healthy
     count_err: dict[str, list[float]] = {g: [] for g in GROUP_NAMES}
@@ -166,6 +167,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "matching": {"rule": "greedy by IoU of each predicted cell's bounding box with a GT box, per group",
                      "iou": iou, "min_fraction": min_fraction, "cells": predictor_method(predictor)},
         "tta": tta,
+        "absent": [NAMES[c] for c in predictor.absent],
         "count_error_pct": {g: (float(np.mean(v)) if v else None) for g, v in count_err.items()},
         "rbc_infected_share": float(rbc_px[0] / rbc_px.sum()) if rbc_px.sum() else None,
         "areas_source": predictor.areas_source,
@@ -200,6 +202,8 @@ def format_table(result: Mapping[str, Any]) -> str:
                      "matched WBCs with a listed subtype)")
     if result.get("rbc_infected_share") is not None:
         lines.append(f"red-cell pixels predicted infected: {100 * result['rbc_infected_share']:.2f}%")
+    if result.get("absent"):
+        lines.append(f"held absent (never predicted): {', '.join(result['absent'])}")
     su = result["scale_used"]
     lines.append(f"{result['images']} images, scale {result['scale']} (used {su['min']:.3f}..{su['max']:.3f}), "
                  f"IoU >= {result['matching']['iou']}, cells: {result['matching']['cells']}")

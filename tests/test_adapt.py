@@ -71,6 +71,22 @@ def test_adapt_runs_writes_pseudo_labels_and_a_checkpoint(setting):
     assert state_digest(model) != state_digest(before)  # it learned something
 
 
+def test_absent_classes_are_never_pseudo_labelled(setting):
+    from bloodcells.classes import NAMES
+    from bloodcells.imageio import read_gray
+    adapt(config(setting, "free", rounds=1, steps=1))
+    labels = np.stack([read_gray(f) for f in sorted((setting / "free" / "round-0").glob("*.png"))])
+    n = np.bincount(labels[labels != IGNORE].ravel(), minlength=NUM_CLASSES)
+    n[0] = 0
+    absent = NAMES[int(n.argmax())]  # the cell class pseudo-labelled most without the option
+    assert n.max() > 0
+    adapt(config(setting, "held", rounds=1, steps=1, absent=absent))
+    held = np.stack([read_gray(f) for f in sorted((setting / "held" / "round-0").glob("*.png"))])
+    assert not (held == NAMES.index(absent)).any() and (held != IGNORE).any()
+    with pytest.raises(BloodcellsError, match="unknown class"):
+        adapt(config(setting, "bad", absent="plasmodium"))
+
+
 def test_an_interrupted_run_continues_exactly(setting, monkeypatch):
     ref = adapt(config(setting, "ref"))
     calls = {"n": 0}

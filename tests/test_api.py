@@ -91,6 +91,25 @@ def test_predict_is_the_cli_prediction(model, scenes):
     assert view.strides[1] < 0 and np.array_equal(bc.predict(model, view, scale=1).labels, r.labels)
 
 
+def test_absent_classes_are_never_predicted_and_nothing_else_changes(model, run, scenes):
+    data, _ = scenes
+    image = read_rgb(data / "test" / "images" / "000003.png")
+    plain = bc.predict(model, image, scale=1)
+    cls = np.bincount(plain.model_labels.ravel(), minlength=len(plain.class_names))
+    cls[0] = 0
+    absent = plain.class_names[int(cls.argmax())]  # the cell class the model predicts most here
+    assert cls.max() > 0
+    held = bc.predict(bc.load_model(run["best_path"], precision="fp32", absent=absent), image, scale=1)
+    k = plain.class_names.index(absent)
+    assert not (held.model_labels == k).any() and not (held.labels == k).any() and held.counts[absent] == 0
+    assert all(c["class"] != absent for c in held.cells)
+    elsewhere = plain.model_labels != k  # the other classes keep their order: the argmax stays where it was
+    assert np.array_equal(held.model_labels[elsewhere], plain.model_labels[elsewhere])
+    for bad, msg in (("nope", "unknown class 'nope'"), ("background", "unknown class")):
+        with pytest.raises(BloodcellsError, match=msg):
+            bc.load_model(run["best_path"], absent=bad)
+
+
 def test_predict_other_sizes_and_auto_scale(model, scenes):
     data, _ = scenes
     image = read_rgb(data / "test" / "images" / "000001.png")

@@ -357,6 +357,11 @@ def test_predict_redoes_inputs_done_with_another_model_scale_or_options(checkpoi
     assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go).done) == ["s0", "s1"]
     again = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
     assert not again.done and sorted(again.resumed) == ["s0", "s1"]
+    # classes held absent change the maps: predicted again, and never in them
+    dominant = int(np.bincount(read_gray(out / "s0.png").ravel(), minlength=NUM_CLASSES)[1:].argmax()) + 1
+    held = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, absent=NAMES[dominant], **go)
+    assert sorted(held.done) == ["s0", "s1"] and not (read_gray(out / "s0.png") == dominant).any()
+    assert sorted(predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go).done) == ["s0", "s1"]
     # a missing output file of one input makes only that input be predicted again
     (out / "s1_color.png").unlink()
     s = predict_files(other, [src], out, scale="0.5", overlap=0.5, balance=True, **go)
