@@ -28,7 +28,7 @@ from bloodcells.formats import (AnnotatedImage, Box, SubtypeTable, detect_box_la
 from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.card import REAL, record_evaluation
 from bloodcells.segmenter.count import MIN_FRACTION
-from bloodcells.segmenter.infer import parse_scale
+from bloodcells.segmenter.infer import parse_absent, parse_scale
 from bloodcells.segmenter.instances import GROUP_OF, Cells
 from bloodcells.segmenter.predict import load_predictor
 
@@ -167,7 +167,7 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "matching": {"rule": "greedy by IoU of each predicted cell's bounding box with a GT box, per group",
                      "iou": iou, "min_fraction": min_fraction, "cells": predictor_method(predictor)},
         "tta": tta,
-        "absent": [NAMES[c] for c in predictor.absent],
+        "absent": [NAMES[c] for c in parse_absent(absent)],
         "count_error_pct": {g: (float(np.mean(v)) if v else None) for g, v in count_err.items()},
         "rbc_infected_share": float(rbc_px[0] / rbc_px.sum()) if rbc_px.sum() else None,
         "areas_source": predictor.areas_source,
