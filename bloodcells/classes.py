@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+
+from bloodcells.errors import BloodcellsError
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,24 @@ PALETTE = np.array([_hex_to_rgb(c.color) for c in CLASSES], dtype=np.uint8)  # (
 def index_of(name: str) -> int:
     """Index of a canonical class name; KeyError when it is not one."""
     return BY_NAME[name].index
+
+
+def cell_classes(value: str | Sequence[str] | None, flag: str) -> tuple[str, ...]:
+    """Cell class names from 'a,b' or a list (case-insensitive, duplicates dropped, in the order given); an unknown
+    name, or background, is one BloodcellsError naming `flag` and the choices."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name = item.lower()
+        if name not in BY_NAME or name == NAMES[0]:
+            raise BloodcellsError(f"{flag}: unknown class {item!r}; choose from {', '.join(NAMES[1:])}")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def colorize(label: np.ndarray) -> np.ndarray:

@@ -229,16 +229,14 @@ class DatasetInfo:
         elif self.class_frequencies is not None:
             w = median_frequency_weights(self.class_frequencies)
         else:
-            w = None
-        if w is not None:
-            if tie:
-                if self.class_frequencies is None:
-                    raise BloodcellsError(f"{self.path}: has no 'class_frequencies' to tie class weights with; "
-                                          "re-compose the dataset or train without --tie-weights")
-                w = tied_weights(w, self.class_frequencies, tie)
+            raise BloodcellsError(f"{self.path}: has neither 'class_weights' nor 'class_frequencies'; "
+                                  "re-compose the dataset or train without class weights")
+        if not tie:
             return w
-        raise BloodcellsError(f"{self.path}: has neither 'class_weights' nor 'class_frequencies'; "
-                              "re-compose the dataset or train without class weights")
+        if self.class_frequencies is None:
+            raise BloodcellsError(f"{self.path}: has no 'class_frequencies' to tie class weights with; "
+                                  "re-compose the dataset or train without --tie-weights")
+        return tied_weights(w, self.class_frequencies, tie)
 
     @classmethod
     def read(cls, root: str | Path) -> DatasetInfo:

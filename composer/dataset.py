@@ -96,9 +96,7 @@ def check_pools(recipe: dict, pools: dict[str, dict[str, list[Sprite]]], bank_na
     if kinds.get("infected", 0) > 0 or (kinds.get("mixed", 0) > 0 and max(_as_list(recipe["canvas"]["infected_share"])) > 0):
         need.add("infected_rbc")
     need |= {c for c in OBJECT_CLASSES if weights[c] > 0 and c != "platelet_clump"}
-    if recipe["canvas"]["platelets_on_rbc"] > 0:
-        need.add("thrombocyte")
-    if weights["platelet_clump"] > 0:
+    if weights["platelet_clump"] > 0 or recipe["canvas"]["platelets_on_rbc"] > 0:
         need.add("thrombocyte")
     for split, n in recipe["scenes"].items():
         if n == 0:

@@ -22,7 +22,7 @@ import torch
 from skimage.filters import threshold_multiotsu
 from torch import nn
 
-from bloodcells.classes import BY_NAME, NAMES, NUM_CLASSES, PLASMA_RGB
+from bloodcells.classes import BY_NAME, NAMES, NUM_CLASSES, PLASMA_RGB, cell_classes
 from bloodcells.errors import BloodcellsError
 from bloodcells.segmenter.count import MIN_FRACTION, count_cells, table_areas
 from bloodcells.segmenter.instances import Cells, components, decode, measure, upsample
@@ -152,19 +152,10 @@ def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray,
 
 def parse_absent(value: str | Sequence[str] | None) -> tuple[int, ...]:
     """Class indices from names ('infected_rbc' or 'a,b' or a list): classes a user's smears are known not to hold."""
-    if value is None:
-        return ()
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    out: list[int] = []
-    for item in (i for i in items if i):
-        name = item.lower()
-        if name not in NAMES or name == "background":
-            raise BloodcellsError(f"--absent: unknown class {item!r}; choose from {', '.join(NAMES[1:])}")
-        if NAMES.index(name) not in out:
-            out.append(NAMES.index(name))
+    out = sorted(NAMES.index(n) for n in cell_classes(value, "--absent"))
     if len(out) >= NUM_CLASSES - 1:
         raise BloodcellsError("--absent: at least one cell class must stay possible")
-    return tuple(sorted(out))
+    return tuple(out)
 
 
 def drop_classes(probs: np.ndarray, absent: Sequence[int]) -> np.ndarray:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.classes import NAMES, NUM_CLASSES, cell_classes
 from bloodcells.errors import BloodcellsError, check_out_folder
 from bloodcells.formats import DatasetInfo, json_safe
 from bloodcells.imageio import write_bytes_atomic, write_png
@@ -133,16 +133,7 @@ class TrainConfig:
 
 def parse_tie(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """Class names from 'a,b' or a list: at least two of the class table's names, or none."""
-    if value is None or value == "" or value == "none":
-        return ()
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    names = []
-    for item in (i for i in items if i):
-        name = item.lower()
-        if name not in NAMES or name == "background":
-            raise BloodcellsError(f"--tie-weights: unknown class {item!r}; choose from {', '.join(NAMES[1:])}")
-        if name not in names:
-            names.append(name)
+    names = () if value == "none" else cell_classes(value, "--tie-weights")
     if len(names) == 1:
         raise BloodcellsError(f"--tie-weights needs two or more classes to tie, e.g. healthy_rbc,infected_rbc; "
                               f"got {value!r}")
