@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipe", default="realistic")
     ap.add_argument("--augment", default="full")
+    ap.add_argument("--stain-jitter", type=float, default=0.05, help="HED stain range of the augmentation (0.2: strong)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--datasets", type=Path,
@@ -81,7 +82,8 @@ def main() -> None:
         print(f"train -> {run}", flush=True)
         summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
                                     steps_per_epoch=args.steps, milestones=(max(1, args.epochs - 2),), weight_power=0.5, dice_weight=0.5,
-                                    threads=2, augment=args.augment, progress=False))
+                                    threads=2, augment=args.augment, stain_jitter=args.stain_jitter, progress=False))
+        stain = args.stain_jitter
         model, recipe_name, augment, budget = run / "best.pt", recipe["name"], args.augment, \
             {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8}
     else:
@@ -89,6 +91,7 @@ def main() -> None:
         summary, model = {}, args.model
         cfg = (load_checkpoint(model).get("training") or {}).get("config") or {}
         recipe_name, augment, budget = f"(given model, data {cfg.get('data')})", cfg.get("augment"), None
+        stain = cfg.get("stain_jitter", 0.05)
         args.out.mkdir(parents=True, exist_ok=True)
     t2 = time.time()
     held = crops(args.datasets, args.holdout)
@@ -97,7 +100,7 @@ def main() -> None:
                          wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
                          out=args.out / "bccd-test")
     result = {"holdout": args.holdout, "source": source, "model": str(model), "left_out": args.model is None,
-              "recipe": recipe_name, "augment": augment, "budget": budget,
+              "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
               "best": summary.get("best"), "crops": typing,
               "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},

@@ -188,6 +188,7 @@ def train_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", callback=at_least(0), help="DataLoader worker processes (default 0 on CPU, 4 on GPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads (default: torch's choice)"),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x; the default)"),
+    stain_jitter: Optional[float] = typer.Option(None, "--stain-jitter", help="range of the HED stain scale and shift of appearance augmentation (default 0.05, 'light'; 0.2 'strong')"),
     instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
     instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
@@ -205,7 +206,7 @@ def train_cmd(
              "model_options": parse_model_options(option) if option else None, "seed": seed,
              "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
              "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,
-             "instance": instance, "instance_weight": instance_weight,
+             "stain_jitter": stain_jitter, "instance": instance, "instance_weight": instance_weight,
              "cache": cache, "progress": progress}
     if resume is not None:
         config = resume_config(resume, out=out, **given)

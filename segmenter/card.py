@@ -106,6 +106,19 @@ def _data_section(meta: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _augmentation(cfg: Mapping[str, Any]) -> str:
+    """The training's --augment level in words (runs of older versions recorded true / false)."""
+    level = cfg.get("augment", True)
+    level = {True: "geometric", False: "none"}.get(level, level) if isinstance(level, bool) else level
+    words = {"none": "none", "geometric": "flips and quarter turns",
+             "appearance": "flips and quarter turns; stain, colour, blur, noise and JPEG on the fly",
+             "full": "flips and quarter turns; scale 0.7-1.4x; stain, colour, blur, noise and JPEG on the fly"}
+    text = words.get(str(level), str(level))
+    if level in ("appearance", "full"):
+        text += f" (HED stain range {cfg.get('stain_jitter', 0.05):g})"
+    return text
+
+
 def _training_section(meta: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
     if not meta.get("history") and not cfg:
         return []
@@ -124,7 +137,7 @@ def _training_section(meta: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[s
             ("optimiser", f"Adam, learning rate {cfg.get('lr', '-')}"
                           + (f", x{cfg.get('gamma')} after epoch(s) {milestones}" if milestones else "")),
             ("loss", loss),
-            ("augmentation", "flips and quarter turns" if cfg.get("augment", True) else "none"),
+            ("augmentation", _augmentation(cfg)),
             ("seed", meta.get("seed", cfg.get("seed", "-"))),
             ("precision, device", f"{meta.get('precision', '-')} on {meta.get('device', '-')}, "
                                   f"{meta.get('world_size', 1)} process(es)")]

@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,7 +18,7 @@ from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import DatasetInfo, scene_paths, split_ids
 from bloodcells.imageio import read_gray, read_rgb
-from bloodcells.segmenter.augment import LEVELS, augment_sample
+from bloodcells.segmenter.augment import AUGMENT_DEFAULTS, LEVELS, augment_sample
 from bloodcells.segmenter.instances import instance_target
 
 MAX_CACHE_GB = 4.0  # a 10k-image 224x224 split takes 2 GB as uint8 images + labels
@@ -127,7 +128,8 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, augment: bool | str = False, seed: int = 0,
-                 cache: bool | None = None, cache_limit_gb: float | None = None, instance: str | None = None) -> None:
+                 cache: bool | None = None, cache_limit_gb: float | None = None, instance: str | None = None,
+                 stain_jitter: float | None = None) -> None:
         self.root = Path(root)
         self.info = DatasetInfo.read(self.root)
         self.split = split
@@ -136,6 +138,9 @@ class SegmentationDataset(Dataset):
         self.std = tuple(std) if std is not None else self.info.std
         self.augment, self.seed, self.epoch = augment_level(augment), seed, 0
         self.instance = instance
+        # the HED stain range of the appearance chain (None: AUGMENT_DEFAULTS' light range)
+        self.augment_config = (AUGMENT_DEFAULTS if stain_jitter is None else
+                               replace(AUGMENT_DEFAULTS, stain_alpha=stain_jitter, stain_beta=stain_jitter))
         if instance is not None and not self.info.has_instances:
             raise BloodcellsError(f"{self.info.path}: the scenes have no instance maps (composed by an older version); "
                                   "re-compose the dataset, or train with --instance none")
@@ -195,7 +200,8 @@ class SegmentationDataset(Dataset):
             inst = dihedral(inst, code) if inst is not None else None
             if self.augment in ("appearance", "full"):
                 rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-                image, label, inst = augment_sample(image, label, inst, rng, self.augment)
+                image, label, inst = augment_sample(image, label, inst, rng, self.augment,
+                                                    config=self.augment_config)
         x, y = to_tensor(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(label)).long()
         if self.instance is None:
             return x, y

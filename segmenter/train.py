@@ -31,6 +31,7 @@ from bloodcells.segmenter.charts import training_curves
 from bloodcells.segmenter.card import dataset_facts
 from bloodcells.segmenter.count import expected_areas
 from bloodcells.segmenter.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint, unwrap
+from bloodcells.segmenter.augment import AUGMENT_DEFAULTS
 from bloodcells.segmenter.data import EpochSampler, SegmentationDataset, ShardSampler, augment_level
 from bloodcells.segmenter.instances import DEFAULT_INSTANCE
 from bloodcells.segmenter.models.blocks import INSTANCE_OUTPUTS
@@ -63,6 +64,7 @@ class TrainConfig:
     weight_power: float = 1.0  # class weights are raised to this power: 1 = median-frequency, 0.5 = milder
     tie_weights: tuple[str, ...] = ()  # classes sharing one class weight (e.g. the two red-cell classes)
     augment: str = "full"  # none | geometric (flips, quarter turns) | appearance | full (and scale jitter)
+    stain_jitter: float = AUGMENT_DEFAULTS.stain_alpha  # HED stain scale and shift range of appearance augmentation
     instance: str | None = "auto"  # auto (distance when the scenes have instance maps) | distance | boundary | none
     instance_weight: float = 1.0  # weight of the instance output's loss beside the class loss
     seed: int = 0
@@ -123,6 +125,9 @@ class TrainConfig:
             raise BloodcellsError(f"--instance-weight must be >= 0; got {self.instance_weight}")
         if self.dice_weight < 0:
             raise BloodcellsError(f"--dice-weight must be >= 0; got {self.dice_weight}")
+        if not 0 <= self.stain_jitter < 1:
+            raise BloodcellsError(f"--stain-jitter must be at least 0 and below 1 (0.05 light, 0.2 strong); "
+                                  f"got {self.stain_jitter}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise BloodcellsError(f"--steps-per-epoch must be >= 1; got {self.steps_per_epoch}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -297,7 +302,7 @@ class _Run:
                                   if cfg.class_weights else None)
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
                                              augment=cfg.augment, seed=cfg.seed, cache=cfg.cache,
-                                             instance=cfg.instance)
+                                             instance=cfg.instance, stain_jitter=cfg.stain_jitter)
         self.val_set = SegmentationDataset(cfg.data, cfg.val_split, self.mean, self.std,  # type: ignore[arg-type]
                                            cache=cfg.cache, instance=cfg.instance)
         if payload is None:

@@ -490,3 +490,27 @@ def test_full_augmentation_is_seeded_and_resumes_exactly(tmp_path) -> None:
     plain = SegmentationDataset(tmp_path / "d", "train", augment="geometric", seed=3, cache=True, instance="distance")
     plain.set_epoch(1)
     assert not torch.equal(plain[0][0], forward[0][0])  # appearance changed the image
+
+
+def test_stain_jitter_sets_the_hed_range_and_is_recorded(tmp_path) -> None:
+    """--stain-jitter widens the HED stain draws of the appearance chain (labels untouched), is checked, and is part
+    of the run's settings (a resume with another value is refused)."""
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+
+    r = load_recipe("tiny", {"scenes": {"train": 8, "val": 4, "test": 0}})
+    pools, info = sprite_pools(None, r)
+    compose(r, pools, tmp_path / "d", info, workers=1, progress=False)
+    light, strong, none = (SegmentationDataset(tmp_path / "d", "train", augment="appearance", seed=3, cache=True,
+                                               stain_jitter=s) for s in (None, 0.3, 0.0))
+    a, b, c = light[0], strong[0], none[0]
+    assert torch.equal(a[1], b[1]) and torch.equal(a[1], c[1])  # same label
+    assert not torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    # the stronger range moves the image further from the unjittered draw (same seed: the same other steps)
+    assert (b[0] - c[0]).abs().mean() > (a[0] - c[0]).abs().mean()
+    with pytest.raises(BloodcellsError, match="--stain-jitter"):
+        small(tmp_path / "d", tmp_path / "bad", stain_jitter=1.0).check()
+    train(small(tmp_path / "d", tmp_path / "run", epochs=1, augment="full", stain_jitter=0.2))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["training"]["config"]["stain_jitter"] == 0.2
+    with pytest.raises(BloodcellsError, match="stain_jitter"):
+        train(resume_config(tmp_path / "run", epochs=2, stain_jitter=0.05))
