@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bloodcells.errors import BloodcellsError  # noqa: E402
 from bloodcells.formats import read_boxes  # noqa: E402
 from bloodcells.imageio import read_rgb, write_png  # noqa: E402
 from bloodcells.segmenter.infer import parse_scale  # noqa: E402
@@ -66,30 +67,28 @@ def sort_image(pred: np.ndarray, areas: np.ndarray, gt: np.ndarray, other: np.nd
                iou: float) -> dict:
     """Match one image's cells of a group to its boxes; the raw facts `kinds` needs (sizes are judged later, against
     the median over all images)."""
-    pairs = greedy_match(iou_matrix(pred, gt), iou) if len(pred) and len(gt) else []
-    mp, mg = {p for p, _ in pairs}, {g for _, g in pairs}
-    fp = [i for i in range(len(pred)) if i not in mp]
-    fn = [j for j in range(len(gt)) if j not in mg]
-    matched_gt = np.array(sorted(mg), int)
-    h, w = shape
     ious = iou_matrix(pred, gt) if len(pred) and len(gt) else np.zeros((len(pred), len(gt)))
-    in_matched = inside_share(pred[fp], gt[matched_gt]).max(axis=1, initial=0) if len(fp) else np.zeros(0)
+    pairs = greedy_match(ious, iou) if ious.size else []
+    matched_pred = [p for p, _ in pairs]
+    matched_gt = [g for _, g in pairs]
+    fp = [i for i in range(len(pred)) if i not in matched_pred]
+    fn = [j for j in range(len(gt)) if j not in matched_gt]
+    h, w = shape
+    in_matched = inside_share(pred[fp], gt[matched_gt]).max(axis=1, initial=0)
     fps = []
     for k, i in enumerate(fp):
         x0, y0, x1, y1 = pred[i]
         fps.append({"box": pred[i].tolist(), "area": float(areas[i]), "in_matched": float(in_matched[k]),
                     "border": bool(x0 <= EDGE or y0 <= EDGE or x1 >= w - EDGE or y1 >= h - EDGE),
-                    "near": float(ious[i, fn].max(initial=0)) if fn else 0.0})
+                    "near": float(ious[i, fn].max(initial=0))})
     fns = []
     for j in fn:
-        others = [p for p, _ in pairs]  # cells matched to another box
-        inside = inside_share(gt[[j]], pred[others]).max(initial=0) if others else 0.0
-        unmatched_pred = [i for i in fp]
-        fns.append({"box": gt[j].tolist(), "in_matched_pred": float(inside),
-                    "in_fp": [int(i) for i in np.flatnonzero(inside_share(gt[[j]], pred[unmatched_pred])[0] >= 0.5)]
-                    if unmatched_pred else [],
-                    "near": float(ious[unmatched_pred, j].max(initial=0)) if unmatched_pred else 0.0,
-                    "other": float(inside_share(gt[[j]], other).max(initial=0)) if len(other) else 0.0})
+        box = gt[[j]]
+        fns.append({"box": gt[j].tolist(),
+                    "in_matched_pred": float(inside_share(box, pred[matched_pred]).max(initial=0)),
+                    "in_fp": np.flatnonzero(inside_share(box, pred[fp])[0] >= 0.5).tolist(),  # positions in `fp`
+                    "near": float(ious[fp, j].max(initial=0)),
+                    "other": float(inside_share(box, other).max(initial=0))})
     return {"tp": len(pairs), "fp": fps, "fn": fns, "matched_areas": [float(areas[p]) for p, _ in pairs]}
 
 
@@ -161,11 +160,16 @@ def main() -> None:
     g = GROUP_NAMES.index(args.group) + 1
     predictor = load_predictor(args.model, absent=args.absent)
     factor = parse_scale(args.scale)
-    per_image, images = [], {}
+    per_image, images, failed = [], {}, []
     for im in read_boxes(args.voc, "auto", args.split):
-        if im.error:
+        if im.error:  # as in evaluate-real: a bad annotation or image costs that smear, not the run
+            failed.append(f"{im.annotation or im.path}: {im.error}")
             continue
-        image = read_rgb(im.path)
+        try:
+            image = read_rgb(im.path)
+        except BloodcellsError as e:
+            failed.append(str(e))
+            continue
         cells = predictor(image, factor).cells
         which = CLASS_GROUP[cells.classes] == g if len(cells) else np.zeros(0, bool)
         pred = cells.boxes[which].astype(np.float64).reshape(-1, 4)
@@ -175,6 +179,8 @@ def main() -> None:
         r["image"], r["all_boxes"] = im.path.name, np.array([b.xyxy for b in im.boxes]).reshape(-1, 4)
         per_image.append(r)
         images[im.path.name] = im.path
+    if not per_image:
+        raise BloodcellsError(f"{args.voc}: no smear of split {args.split!r} could be scored: " + "; ".join(failed[:3]))
     median = float(np.median([a for r in per_image for a in r["matched_areas"]] or [1.0]))
     fp_count, fn_count = Counter(), Counter()
     fp_items: dict[str, list] = {k: [] for k in FP_KINDS}
@@ -199,7 +205,7 @@ def main() -> None:
         tiles = [crop(read_rgb(images[n]), b, ab) for n, b, ab in items[::step][:args.sheet_size]]
         write_png(args.out / f"{name}.png", sheet(tiles))
     result = {"model": str(args.model), "root": str(args.voc), "split": args.split, "group": args.group,
-              "iou": args.iou, "images": len(per_image), "tp": tp, "fp": fp, "fn": fn,
+              "iou": args.iou, "images": len(per_image), "failed": failed, "tp": tp, "fp": fp, "fn": fn,
               "median_matched_area_px": median,
               "false_positives": {k: fp_count[k] for k in FP_KINDS},
               "false_negatives": {k: fn_count[k] for k in FN_KINDS}}
@@ -209,7 +215,12 @@ def main() -> None:
     print("cells without a box: " + ", ".join(f"{k} {fp_count[k]}" for k in FP_KINDS))
     print("boxes without a cell: " + ", ".join(f"{k} {fn_count[k]}" for k in FN_KINDS))
     print(f"contact sheets, one per kind: {args.out}/fp_*.png, fn_*.png")
+    for line in failed:
+        print(f"skipped {line}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BloodcellsError as e:
+        sys.exit(f"error: {e}")

@@ -33,6 +33,7 @@ from bloodcells.composer.aliases import AliasTable  # noqa: E402
 from bloodcells.composer.dataset import compose, sprite_pools  # noqa: E402
 from bloodcells.composer.recipe import load_recipe  # noqa: E402
 from bloodcells.composer.sources import list_items  # noqa: E402
+from bloodcells.segmenter.augment import AUGMENT_DEFAULTS  # noqa: E402
 from bloodcells.segmenter.checkpoint import load_checkpoint  # noqa: E402
 from bloodcells.segmenter.realeval import evaluate_crops, evaluate_real  # noqa: E402
 from bloodcells.segmenter.train import TrainConfig, train  # noqa: E402
@@ -62,7 +63,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipe", default="realistic")
     ap.add_argument("--augment", default="full")
-    ap.add_argument("--stain-jitter", type=float, default=0.05, help="HED stain range of the augmentation (0.2: strong)")
+    ap.add_argument("--stain-jitter", type=float, default=AUGMENT_DEFAULTS.stain_alpha,
+                    help="HED stain range of the augmentation (0.2: strong)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--datasets", type=Path,
@@ -91,7 +93,7 @@ def main() -> None:
         summary, model = {}, args.model
         cfg = (load_checkpoint(model).get("training") or {}).get("config") or {}
         recipe_name, augment, budget = f"(given model, data {cfg.get('data')})", cfg.get("augment"), None
-        stain = cfg.get("stain_jitter", 0.05)
+        stain = cfg.get("stain_jitter", AUGMENT_DEFAULTS.stain_alpha)
         args.out.mkdir(parents=True, exist_ok=True)
     t2 = time.time()
     held = crops(args.datasets, args.holdout)

@@ -19,6 +19,7 @@ import bloodcells
 from bloodcells.classes import BY_NAME, NAMES
 from bloodcells.formats import DatasetInfo, read_json, write_json
 from bloodcells.imageio import write_bytes_atomic
+from bloodcells.segmenter.augment import AUGMENT_DEFAULTS
 
 SYNTHETIC, REAL = "synthetic", "real"
 REAL_GROUPS = ("rbc", "wbc", "platelet")
@@ -115,7 +116,7 @@ def _augmentation(cfg: Mapping[str, Any]) -> str:
              "full": "flips and quarter turns; scale 0.7-1.4x; stain, colour, blur, noise and JPEG on the fly"}
     text = words.get(str(level), str(level))
     if level in ("appearance", "full"):
-        text += f" (HED stain range {cfg.get('stain_jitter', 0.05):g})"
+        text += f" (HED stain range {cfg.get('stain_jitter', AUGMENT_DEFAULTS.stain_alpha):g})"
     return text
 
 

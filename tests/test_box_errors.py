@@ -53,3 +53,14 @@ def test_contact_sheet_crops_have_one_size():
     tiles = [box_errors.crop(image, b, np.array([[10, 10, 40, 40]], float)) for b in ([0, 0, 30, 20], [140, 100, 160, 120])]
     assert all(t.shape == (96, 96, 3) for t in tiles)
     assert box_errors.sheet(tiles, cols=10).shape == (98, 980, 3)
+
+
+def test_boxes_inside_a_clump_are_merged():
+    """Three touching cells found as one large object that matches none of them: a clump, and three merged boxes."""
+    gt = [[100, 100, 130, 130],                                              # found on its own
+          [300, 100, 330, 130], [330, 100, 360, 130], [315, 130, 345, 160]]  # found as one
+    pred = [[100, 100, 130, 130], [300, 100, 360, 160]]
+    tp, fp, fn = kinds(pred, [700, 2800], gt)
+    assert tp == 1
+    assert fp == ["clump"]
+    assert fn == ["merged", "merged", "merged"]
