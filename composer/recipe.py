@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
         "faint": 0.0,  # share of thrombocytes that took up little stain (drawn fainter; labels unchanged)
         "soft_edge": 0.8,  # feather of sprite edges in px (the label stays exact)
         "stain_jitter": 0.05,  # per-sprite brightness/saturation/hue jitter
+        # each white cell's and platelet's own stain (HED concentrations x U(1 - s, 1 + s)) and texture (blur up to
+        # 1.5 t px or sharpen up to 2 t): a source's look then does not stand for a cell type; 0: off
+        "cell_stain": 0.0,
+        "cell_texture": 0.0,
         "plasma": [[236, 222, 210]],  # plasma (background) colours; each canvas picks one
         "background_tone": 0.04,  # per-canvas plasma colour variation
         "illumination": 0.08,  # strength of a smooth illumination gradient
@@ -220,6 +224,11 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
     if not (isinstance(pl, list) and pl and all(isinstance(c, list) and len(c) == 3 and
                                                 all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in c) for c in pl)):
         raise BloodcellsError(f"{where}: look.plasma must be a list of RGB colours, e.g. [[236, 222, 210], [205, 206, 202]]")
+    if not r["look"]["cell_stain"] < 1:
+        raise BloodcellsError(f"{where}: look.cell_stain must be >= 0 and below 1 (0.25: strong); got {r['look']['cell_stain']!r}")
+    if not r["look"]["cell_texture"] <= 4:
+        raise BloodcellsError(f"{where}: look.cell_texture must be between 0 and 4 (1: blur up to 1.5 px or sharpen "
+                              f"up to 2x); got {r['look']['cell_texture']!r}")
     r["look"]["optics"] = resolve_optics(r["look"]["optics"], f"{where}: look.optics")
     if not isinstance(r["seed"], int):
         raise BloodcellsError(f"{where}: seed must be a whole number")

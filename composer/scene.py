@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from bloodcells.classes import BY_NAME, PLASMA_RGB, index_of
+from bloodcells.stain import hed_affine
 
 from .optics import apply_optics
 from .sprite import Sprite
@@ -235,6 +236,34 @@ def jitter_gains(rng: np.random.Generator, strength: float) -> np.ndarray | None
     return np.clip(g, 0.6, 1.4).astype(np.float32)
 
 
+def cell_look(layer: Layer, rng: np.random.Generator, stain: float, texture: float, additive: bool) -> Layer:
+    """One object's own appearance, so that a source's look (its stain, the sharpness of its optics) does not
+    stand for a cell type: the cell's haematoxylin, eosin and DAB concentrations scaled by U(1 - stain, 1 + stain)
+    and shifted by U(-stain, stain) / 4 (optical density); then, equally likely, a blur (sigma up to 1.5 * texture
+    px) or an unsharp mask (amount up to 2 * texture), both inside the cell only (normalised by its alpha, so its
+    outline stays as sharp as it was). Alpha and mask, so the label, are unchanged; 0 turns either off."""
+    a = layer.alpha
+    a3 = np.maximum(a, np.float32(1e-3))[..., None]
+    col = layer.rgb / a3  # un-premultiplied: optical density (additive) or RGB
+    od = col if additive else -np.log((np.clip(col, 0.0, 255.0) + 1.0) / 256.0)
+    if stain > 0:
+        m, off = hed_affine(rng.uniform(1 - stain, 1 + stain, 3), rng.uniform(-stain, stain, 3) * 0.25)
+        od = cv2.transform(np.ascontiguousarray(od, np.float32), np.hstack([m.T, off[:, None]]).astype(np.float32))
+    if texture > 0:
+        blur = bool(rng.integers(2))
+        amount = float(rng.uniform(0.0, (1.5 if blur else 2.0) * texture))
+        sigma = amount if blur else 1.0
+        if sigma >= 0.1 and amount > 0:
+            smooth = cv2.GaussianBlur(od * a[..., None], (0, 0), sigma) / np.maximum(
+                cv2.GaussianBlur(a, (0, 0), sigma), np.float32(1e-3))[..., None]
+            od = smooth if blur else od + np.float32(amount) * (od - smooth)
+    od = np.maximum(od, 0.0)
+    col = od if additive else np.clip(256.0 * np.exp(-od) - 1.0, 0.0, 255.0)
+    rgb = (col * a[..., None]).astype(np.float32)
+    rgb[a <= 1e-3] = 0.0
+    return Layer(rgb, a, layer.mask)
+
+
 def nominal_size(sizes: dict, cls: str) -> float:
     """The size a class's sprites are prepared at: its diameter, or the geometric middle of its [low, high] range."""
     v = sizes[cls]
@@ -266,6 +295,8 @@ def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, p
     angle = float(rng.uniform(0, 360))
     flip = bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
+    if look["cell_stain"] > 0 or look["cell_texture"] > 0:
+        layer = cell_look(layer, rng, look["cell_stain"], look["cell_texture"], prep.additive)
     if s.cls == "thrombocyte" and look["faint"] > 0 and rng.uniform() < look["faint"]:
         layer = fade(layer, float(rng.uniform(0.35, 0.75)), prep.additive)
     # white cells push the red cells aside rather than lie on them: in density they cover what is below;

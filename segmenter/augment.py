@@ -28,15 +28,11 @@ import numpy as np
 
 from bloodcells.degrade import jpeg_roundtrip, poisson_gaussian
 from bloodcells.errors import BloodcellsError
+from bloodcells.stain import HED_FROM_RGB, RGB_FROM_HED, hed_affine  # noqa: F401 (re-exported)
 
 Range = tuple[float, float]
 LEVELS = ("none", "geometric", "appearance", "full")
 
-# Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (rows), as in skimage.color
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
-                         [0.07, 0.99, 0.11],
-                         [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 # optical density of each uint8 level, -log((v + 1) / 256): exactly 0 for white, finite for black
 _OD_TABLE = (-np.log((np.arange(256) + 1.0) / 256.0)).astype(np.float32)
@@ -116,8 +112,7 @@ def hed_scale_shift(img: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np
     Concentrations are the optical densities unmixed by HED_FROM_RGB; the whole round trip
     OD -> HED -> jitter -> OD is one 3x4 affine map, applied with a single cv2.transform.
     """
-    od_map = (HED_FROM_RGB * np.asarray(scale, np.float64)[None, :]) @ RGB_FROM_HED  # row vectors: od' = od @ map
-    od_shift = np.asarray(shift, np.float64) @ RGB_FROM_HED
+    od_map, od_shift = hed_affine(scale, shift)  # row vectors: od' = od @ map + shift
     neg = np.hstack([-od_map.T, -od_shift[:, None]]).astype(np.float32)  # gives -od' per pixel
     trans = cv2.transform(cv2.LUT(img, _OD_TABLE), neg)
     cv2.exp(trans, dst=trans)  # the transmitted fraction, (v' + 1) / 256; in place: fresh buffers cost page faults

@@ -576,3 +576,52 @@ def test_show_puts_the_same_scenes_of_two_datasets_side_by_side(tiny_set, tmp_pa
     right = g[caption:caption + tile_h, tile_w:]
     assert not np.array_equal(left[4:228, 4:228], right[4:228, 4:228])  # the images differ (the blend) ...
     assert np.array_equal(left[4:228, 232:456], right[4:228, 232:456])  # ... their label maps are the same scene
+
+
+def _textured_sprite(r: int = 14) -> Sprite:
+    """A disc with a speckled inside (a chromatin-like texture), on no background."""
+    rng = np.random.default_rng(3)
+    rgba = np.zeros((2 * r + 5, 2 * r + 5, 4), np.uint8)
+    cv2.circle(rgba, (r + 2, r + 2), r, (255, 255, 255, 255), -1)
+    speckle = rng.integers(40, 160, (2 * r + 5, 2 * r + 5, 1)) * np.array([[[1.0, 0.6, 1.2]]])
+    rgba[..., :3] = np.clip(speckle, 0, 255).astype(np.uint8) * (rgba[..., 3:] > 0)
+    return Sprite("t", "lymphocyte", rgba, float(2 * r), background=(245.0, 245.0, 245.0))
+
+
+@pytest.mark.parametrize("blend", ["optical_density", "alpha"])
+def test_cell_look_changes_a_cells_stain_and_texture_but_never_its_outline(blend):
+    """look.cell_stain / cell_texture: each object's own stain (HED) and blur or sharpening, inside the cell only."""
+    from bloodcells.composer.scene import cell_look
+
+    prep = Prepared(0.8, blend)
+    pm, _ = prep.get(_textured_sprite(), 28.0)
+    base = transform(pm, 1.0, 0.0, False)
+    inside = base.alpha > 0.98
+    same = cell_look(base, np.random.default_rng(0), 0.0, 0.0, prep.additive)
+    assert np.allclose(same.rgb, base.rgb, atol=1e-3)  # both off: the cell as it was
+    means, spreads = [], []
+    for seed in range(16):
+        out = cell_look(base, np.random.default_rng(seed), 0.25, 1.0, prep.additive)
+        assert out.mask is base.mask and np.array_equal(out.alpha, base.alpha)  # the label cannot move
+        assert not out.rgb[base.alpha <= 1e-3].any()  # nothing painted outside the cell
+        assert np.isfinite(out.rgb).all() and (prep.additive or out.rgb.max() <= 255.0 + 1e-3)
+        col = out.rgb[inside] / out.alpha[inside][:, None]
+        means.append(col.mean(0))
+        spreads.append(col.std(0).mean())
+    ref = (base.rgb[inside] / base.alpha[inside][:, None])
+    ref_spread = ref.std(0).mean()
+    # stains differ from cell to cell; some cells come out smoother (blurred), some crisper (sharpened)
+    assert np.ptp(np.array(means), axis=0).max() > 0.1 * (np.abs(ref.mean(0)).max() + 1e-6)
+    assert min(spreads) < 0.8 * ref_spread and max(spreads) > 1.2 * ref_spread
+
+
+def test_cell_look_is_off_by_default_and_checked(builtin, tmp_path):
+    r, pools, _ = builtin
+    assert r["look"]["cell_stain"] == 0 and r["look"]["cell_texture"] == 0
+    on = load_recipe("tiny", {**TINY, "look": {"cell_stain": 0.25, "cell_texture": 1.0}})
+    a = Composer(r, "train", pools["train"]).scene(0)
+    b = Composer(on, "train", pools["train"]).scene(0)
+    assert not np.array_equal(a[0], b[0])  # the recipe keys reach the scenes
+    for bad in ({"cell_stain": 1.0}, {"cell_stain": -0.1}, {"cell_texture": 5}):
+        with pytest.raises(BloodcellsError, match="look.cell_"):
+            validate({"look": bad})
