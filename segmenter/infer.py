@@ -25,6 +25,7 @@ from torch import nn
 from bloodcells.classes import BY_NAME, NAMES, NUM_CLASSES, PLASMA_RGB, cell_classes
 from bloodcells.errors import BloodcellsError
 from bloodcells.segmenter.count import MIN_FRACTION, count_cells, table_areas
+from bloodcells.segmenter import instances as _instances
 from bloodcells.segmenter.instances import Cells, components, decode, measure, upsample
 from bloodcells.segmenter.runtime import Runtime, resolve_precision
 
@@ -238,7 +239,7 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
             tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
             device: str | torch.device | None = None, balance: bool = False, tta: bool = False,
             cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION,
-            absent: Sequence[int] = ()) -> Prediction:
+            absent: Sequence[int] = (), merge: bool | None = None) -> Prediction:
     """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels and cells come back at the input's size.
 
     balance: white-balance the background to the training scenes' plasma colour first. tta: average over flips and
@@ -246,7 +247,8 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     connected region of a class is one object and counts split regions by the expected cell area (`cell_area`,
     px at 40x; the class table's discs by default). Objects below `min_fraction` of their class's expected area are
     specks and dropped. absent: class indices the image cannot hold (e.g. infected RBCs in a smear known to be free
-    of malaria); their probability goes to the other classes (`drop_classes`)."""
+    of malaria); their probability goes to the other classes (`drop_classes`). merge: join pieces of one cell that
+    the instance output split (`instances.merge_pieces`; None: `instances.MERGE`)."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
@@ -262,7 +264,8 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     model_labels = probs.argmax(axis=0).astype(np.uint8)
     mode = meta.get("config", {}).get("instance")
     if mode and len(aux):
-        cells = decode(probs, aux[0], mode, min_area, labels=model_labels)
+        join = _instances.MERGE if merge is None else merge
+        cells = decode(probs, aux[0], mode, min_area, labels=model_labels, cell_area=areas if join else None)
     else:
         cells, mode = components(model_labels, min_area, probs), "area"
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])

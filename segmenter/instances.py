@@ -35,6 +35,11 @@ DEFAULT_INSTANCE = "distance"  # what `cli train --instance auto` uses on scenes
 GROUP_OF = np.array([("rbc", "wbc", "platelet").index(c.group) + 1 if c.group != "background" else 0
                      for c in CLASSES], np.int32)  # class index -> 0 background, 1 rbc, 2 wbc, 3 platelet
 SEED = {"distance": 0.5, "boundary": 0.5}  # decoding thresholds on the predicted map
+# pieces of one cell are joined when together they are no bigger than MERGE_AREA cells of their class and about as
+# convex as a cell (area over convex hull area at least MERGE_SOLIDITY); two whole touching cells are twice as big
+MERGE_AREA = 1.4
+MERGE_SOLIDITY = 0.8
+MERGE = True  # what predict and evaluate do when not told (README: why)
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -139,9 +144,11 @@ def _finish(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
 
 
 def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int, float] | None = None,
-           seed: float | None = None, labels: np.ndarray | None = None) -> Cells:
+           seed: float | None = None, labels: np.ndarray | None = None,
+           cell_area: Mapping[int, float] | None = None) -> Cells:
     """Cells from class probabilities (C, H, W) and the predicted instance map (H, W) in [0, 1] (labels: their
-    argmax, when the caller has it already)."""
+    argmax, when the caller has it already). cell_area (px per class at the map's scale): join the pieces of one
+    cell the map split (`merge_pieces`); None leaves the watershed's objects as they are."""
     labels = probs.argmax(axis=0).astype(np.uint8) if labels is None else labels
     group = GROUP_OF[labels]
     t = SEED[mode] if seed is None else seed
@@ -155,7 +162,76 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
     def cells_of(mask: np.ndarray) -> tuple[np.ndarray, int]:
         return flood(mask, seeds, elevation)
 
-    return _finish(_per_group(group, cells_of), probs, labels, min_area)
+    inst = _per_group(group, cells_of)
+    if cell_area:
+        inst = merge_pieces(inst, labels, cell_area)
+    return _finish(inst, probs, labels, min_area)
+
+
+def _hull_solidity(mask: np.ndarray) -> float:
+    """Pixel area over the area of the convex hull of a mask's pixels (as squares: the hull of their centres grown
+    by half a pixel all round)."""
+    pts = cv2.findNonZero(mask.astype(np.uint8))
+    hull = cv2.convexHull(pts)
+    return float(mask.sum()) / (cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2.0 + 1.0)
+
+
+def merge_pieces(inst: np.ndarray, labels: np.ndarray, cell_area: Mapping[int, float],
+                 limit: float = MERGE_AREA, solidity: float = MERGE_SOLIDITY) -> np.ndarray:
+    """Join touching objects of one group that are pieces of one cell: together no bigger than `limit` expected
+    cells of their class (that of the bigger piece; `cell_area`: px per class) and about as convex as a cell
+    (area / convex hull area >= `solidity`). Pairs are tried longest shared border first, and a joined object
+    is tried again with its other neighbours. Ids of joined objects are left unused (`measure` renumbers)."""
+    n = int(inst.max())
+    if n < 2:
+        return inst
+    classes, areas, _ = _facts(inst, None, labels, n)
+    group = GROUP_OF[classes]
+    pairs = []
+    for a, b in ((inst[:, :-1], inst[:, 1:]), (inst[:-1], inst[1:])):
+        touch = (a != b) & (a > 0) & (b > 0)
+        pairs.append(np.stack([a[touch], b[touch]], axis=1))
+    p = np.sort(np.concatenate(pairs), axis=1)
+    if not len(p):
+        return inst
+    p, contact = np.unique(p, axis=0, return_counts=True)
+    same = group[p[:, 0] - 1] == group[p[:, 1] - 1]
+    p, contact = p[same], contact[same]
+    if not len(p):
+        return inst
+    root = np.arange(n + 1)
+    area = np.concatenate([[0], areas]).astype(np.float64)
+    biggest = np.arange(n + 1)  # the largest piece of each joined object, whose class names its size
+    members = {}
+    boxes = [None, *ndimage.find_objects(inst, max_label=n)]
+
+    def find(x: int) -> int:
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    for i in np.argsort(-contact, kind="stable"):
+        ra, rb = find(int(p[i, 0])), find(int(p[i, 1]))
+        if ra == rb:
+            continue
+        big = biggest[ra] if areas[biggest[ra] - 1] >= areas[biggest[rb] - 1] else biggest[rb]
+        expected = cell_area.get(int(classes[big - 1]), 0.0)
+        total = area[ra] + area[rb]
+        if expected <= 0 or total > limit * expected:
+            continue
+        ids = members.get(ra, [ra]) + members.get(rb, [rb])
+        ya, xa = boxes[ra]
+        yb, xb = boxes[rb]
+        sl = (slice(min(ya.start, yb.start), max(ya.stop, yb.stop)), slice(min(xa.start, xb.start), max(xa.stop, xb.stop)))
+        if _hull_solidity(np.isin(inst[sl], ids)) < solidity:
+            continue
+        root[rb] = ra
+        members[ra] = ids
+        members.pop(rb, None)
+        area[ra], biggest[ra], boxes[ra] = total, big, sl
+    lut = np.array([find(k) for k in range(n + 1)], np.int32)
+    return lut[inst]
 
 
 def flood(mask: np.ndarray, seeds: np.ndarray, elevation: np.ndarray) -> tuple[np.ndarray, int]:

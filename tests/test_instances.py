@@ -13,7 +13,7 @@ from bloodcells.composer.recipe import load_recipe
 from bloodcells.formats import scene_paths
 from bloodcells.segmenter.instance_metrics import InstanceScorer
 from bloodcells.segmenter.instances import (borders, components, decode, distance_target, instance_target,
-                                            rbc_summary)
+                                            merge_pieces, rbc_summary)
 
 RBC = index_of("healthy_rbc")
 
@@ -159,3 +159,37 @@ def test_flooding_part_by_part_equals_one_watershed_over_the_mask(scenes):
         assert n == len(np.unique(ref[ref > 0])) and ((ours > 0) == mask).all()
         pairs = np.unique(np.stack([ours[mask], ref[mask]]), axis=1)  # a one-to-one relabelling
         assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+
+
+def test_pieces_of_one_cell_are_joined_and_touching_cells_are_not():
+    """merge_pieces: a cell the watershed cut in two (or a sliver shed by it) becomes one object; two whole
+    touching cells, an L of two pieces (not cell-shaped), and cells of different groups stay apart."""
+    r = 12
+    area = {c: np.pi * r * r for c in range(1, NUM_CLASSES)}
+    disc = np.zeros((64, 96), np.int32)
+    cv2.circle(disc, (30, 32), r, 1, -1)
+    cut = disc.copy()
+    cut[:, 27:] *= 2  # one disc cut into a sliver (left) and the rest
+    label = np.where(cut > 0, RBC, 0).astype(np.uint8)
+    joined = merge_pieces(cut, label, area)
+    assert len(np.unique(joined[joined > 0])) == 1 and ((joined > 0) == (disc > 0)).all()
+    label2, two = two_touching_discs(r)
+    assert len(np.unique(merge_pieces(two, label2, area))) == 4  # background and three cells: nothing joined
+    over = np.zeros((64, 96), np.int32)
+    cv2.circle(over, (30, 32), r, 1, -1)
+    right = np.zeros_like(over)
+    cv2.circle(right, (44, 32), r, 1, -1)
+    over[right > 0] = 2  # two overlapping cells: their union is convex, but 1.66 cells big
+    assert len(np.unique(merge_pieces(over, np.where(over > 0, RBC, 0).astype(np.uint8), area))) == 3
+    ell = np.zeros((64, 96), np.int32)
+    ell[10:40, 10:16] = 1
+    ell[34:40, 16:40] = 2  # together 324 px, within 1.4 cells, but an L: far from convex
+    assert len(np.unique(merge_pieces(ell, np.where(ell > 0, RBC, 0).astype(np.uint8), area))) == 3
+    mixed = label.copy()
+    mixed[cut == 2] = index_of("neutrophil")
+    assert len(np.unique(merge_pieces(cut, mixed, area))) == 3  # an RBC sliver never joins a white cell
+    # decode joins them only when given the expected cell areas
+    aux = np.where(disc > 0, 1.0, 0.0).astype(np.float32)
+    aux[:, 26:29] = 0.2  # a valley across the cell: the watershed cuts it in two
+    assert len(decode(one_hot(label), aux, "distance")) == 2
+    assert len(decode(one_hot(label), aux, "distance", cell_area=area)) == 1
