@@ -162,9 +162,10 @@ def _instance_scoring(dataset: SegmentationDataset, meta: dict[str, Any], data: 
             truth = read_instances(paths.instances).astype(np.int32)
             classes = np.array([NAMES.index(o["class"]) for o in read_json(paths.annotation)["objects"]], np.int64)
             if mode and aux.shape[1]:
-                cells = decode(probs[j], aux[j, 0], mode, min_area, cell_area=areas if _instances.MERGE else None)
+                cells = decode(probs[j], aux[j, 0], mode, min_area, cell_area=areas if _instances.MERGE else None,
+                               min_confidence=_instances.MIN_CONFIDENCE)
             else:
-                cells = components(probs[j].argmax(axis=0), min_area, probs[j])
+                cells = components(probs[j].argmax(axis=0), min_area, probs[j], _instances.MIN_CONFIDENCE)
             scorer.add(truth, classes, cells.instances, cells.classes, cells.confidence)
 
     return scorer, on_batch

@@ -239,7 +239,8 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
             tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
             device: str | torch.device | None = None, balance: bool = False, tta: bool = False,
             cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION,
-            absent: Sequence[int] = (), merge: bool | None = None) -> Prediction:
+            absent: Sequence[int] = (), merge: bool | None = None,
+            min_confidence: Mapping[int, float] | None = None) -> Prediction:
     """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels and cells come back at the input's size.
 
     balance: white-balance the background to the training scenes' plasma colour first. tta: average over flips and
@@ -248,7 +249,9 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     px at 40x; the class table's discs by default). Objects below `min_fraction` of their class's expected area are
     specks and dropped. absent: class indices the image cannot hold (e.g. infected RBCs in a smear known to be free
     of malaria); their probability goes to the other classes (`drop_classes`). merge: join pieces of one cell that
-    the instance output split (`instances.merge_pieces`; None: `instances.MERGE`)."""
+    the instance output split (`instances.merge_pieces`; None: `instances.MERGE`). min_confidence: per class index,
+    cells whose mean top probability is lower are dropped (None: `instances.MIN_CONFIDENCE`, platelets under 0.8;
+    {}: none)."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
@@ -263,11 +266,13 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     min_area = {c: min_fraction * a for c, a in areas.items()}
     model_labels = probs.argmax(axis=0).astype(np.uint8)
     mode = meta.get("config", {}).get("instance")
+    sure = _instances.MIN_CONFIDENCE if min_confidence is None else min_confidence
     if mode and len(aux):
         join = _instances.MERGE if merge is None else merge
-        cells = decode(probs, aux[0], mode, min_area, labels=model_labels, cell_area=areas if join else None)
+        cells = decode(probs, aux[0], mode, min_area, labels=model_labels, cell_area=areas if join else None,
+                       min_confidence=sure)
     else:
-        cells, mode = components(model_labels, min_area, probs), "area"
+        cells, mode = components(model_labels, min_area, probs, sure), "area"
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])
     inst = upsample(cells, labels)
     final = measure(inst, cells.classes, cells.confidence)

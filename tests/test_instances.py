@@ -193,3 +193,30 @@ def test_pieces_of_one_cell_are_joined_and_touching_cells_are_not():
     aux[:, 26:29] = 0.2  # a valley across the cell: the watershed cuts it in two
     assert len(decode(one_hot(label), aux, "distance")) == 2
     assert len(decode(one_hot(label), aux, "distance", cell_area=area)) == 1
+
+
+def test_unsure_platelets_are_dropped_and_sure_ones_kept():
+    """min_confidence: an object whose mean top probability is under its class's limit is dropped (predict and
+    evaluate drop platelets under 0.8 by default); other classes and sure platelets stay."""
+    from bloodcells.segmenter.instances import MIN_CONFIDENCE
+
+    plt = index_of("thrombocyte")
+    label = np.zeros((48, 64), np.uint8)
+    cv2.circle(label, (12, 24), 5, plt, -1)  # a sure platelet
+    cv2.circle(label, (32, 24), 5, plt, -1)  # an unsure one (a faint patch of plasma)
+    cv2.circle(label, (52, 24), 6, RBC, -1)  # an unsure red cell: not a platelet, kept
+    probs = one_hot(label) * 0.95 + 0.05 / NUM_CLASSES
+    for x in (32, 52):
+        m = np.zeros_like(label, bool)
+        cv2.circle(m.view(np.uint8), (x, 24), 6, 1, -1)
+        probs[:, m] = 0.05 / NUM_CLASSES
+        probs[label[m][0] if x == 52 else plt, m] = 0.6
+        probs[0, m] += 0.4 - 0.05 / NUM_CLASSES
+    aux = distance_target(np.where(label > 0, cv2.connectedComponents((label > 0).astype(np.uint8))[1], 0))
+    assert MIN_CONFIDENCE[plt] == 0.8 and RBC not in MIN_CONFIDENCE
+    kept = decode(probs, aux, "distance")
+    assert len(kept) == 3
+    sure = decode(probs, aux, "distance", min_confidence=MIN_CONFIDENCE)
+    assert sorted(sure.classes.tolist()) == sorted([plt, RBC])
+    assert sure.centres[sure.classes == plt][0] == pytest.approx((12.0, 24.0), abs=0.5)
+    assert len(components(label, probs=probs, min_confidence=MIN_CONFIDENCE)) == 2

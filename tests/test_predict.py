@@ -309,6 +309,10 @@ def test_cells_of_a_model_with_an_instance_output(tmp_path, scenes) -> None:
     framed = side_by_side(image, pred.labels, layout="outline", instances=pred.cells.instances)
     drawn = np.any(framed[:224] != image, axis=2)
     assert drawn.any() and not drawn[pred.cells.instances == 0].any()  # outlines lie on the cells' own pixels
+    # cells the model is less sure of than their class's limit are dropped, from the cells and the class map alike
+    assert len(pred.cells) > 0
+    unsure = predict(model, meta, image, scale=1.0, precision="fp32", min_confidence={c: 1.01 for c in range(1, 10)})
+    assert len(unsure.cells) == 0 and not unsure.labels.any()
 
 
 def test_instance_maps_beyond_16_bits_go_to_a_32_bit_tiff(tmp_path) -> None:
