@@ -696,3 +696,18 @@ def test_a_smear_without_cells_is_an_empty_table(tmp_path) -> None:
     assert cv2.imread(str(tmp_path / "out" / "blank_instances.png"), cv2.IMREAD_UNCHANGED).max() == 0
     row = _counts_rows(tmp_path / "out")[0]
     assert all(row[n] == "0" for n in NAMES) and row["rbc_total"] == "0" and row["parasitemia_pct"] == ""
+
+
+def test_small_images_are_padded_with_their_plasma_not_a_mirror() -> None:
+    """A smear smaller than a tile is padded with its plasma colour: mirrored, a cell cut by the edge would become
+    a doubled cell that no training scene shows."""
+    from bloodcells.segmenter.infer import _pad_to, plasma_colour
+
+    plasma = (230, 220, 210)
+    img = np.full((100, 150, 3), plasma, np.uint8)
+    cv2.circle(img, (140, 92), 20, (120, 60, 150), -1)  # a cell cut by the bottom-right corner
+    assert np.array_equal(plasma_colour(img), plasma)
+    out = _pad_to(img, 224)
+    assert out.shape == (224, 224, 3) and np.array_equal(out[:100, :150], img)
+    assert (out[100:] == plasma).all() and (out[:, 150:] == plasma).all()
+    assert _pad_to(np.zeros((224, 300, 3), np.uint8), 224).shape == (224, 300, 3)  # large enough: as it is
