@@ -6,8 +6,9 @@ On BCCD test smears (640x480; $BLOODCELLS_DATA or ../shared/datasets), for a che
 - predict: the tiled class probabilities and instance map at model scale (`segmenter.infer.predict_logits`),
 - the whole prediction of the smear as `cli predict` makes it without cells: the `--scale auto` estimate (when
   asked), resizing, the tiled probabilities and the class map at the input's size (`labels_at`),
-- post-processing: decoding cells from them (seeded watershed, `segmenter.instances.decode`), resizing the instance
-  map to the input's size and measuring every cell (`upsample`, `measure`), as `cli predict` does,
+- post-processing: decoding cells from them (seeded watershed, joining pieces of one cell, dropping unsure platelets:
+  `segmenter.instances.decode`), resizing the instance map to the input's size and measuring every cell (`upsample`,
+  `measure`), as `cli predict` does; and the same without joining,
 each the fastest of `--iters` runs per smear (other processes only ever add time), summed over the smears; the
 ratio post-processing / whole prediction is the added share (target: at most 25%); the share of the model's
 part alone is printed too.
@@ -30,7 +31,7 @@ from bloodcells.imageio import read_rgb  # noqa: E402
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas  # noqa: E402
 from bloodcells.segmenter.checkpoint import load_model  # noqa: E402
 from bloodcells.segmenter.infer import auto_scale, labels_at, predict_logits, resize_image  # noqa: E402
-from bloodcells.segmenter.instances import decode, measure, upsample  # noqa: E402
+from bloodcells.segmenter.instances import MIN_CONFIDENCE, decode, measure, upsample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def main() -> None:
     print(f"command: python bench/instances.py {' '.join(sys.argv[1:])}")
     print(f"nproc: {os.cpu_count()}; CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    t_pred = t_full = t_post = 0.0
+    t_pred = t_full = t_post = t_split = 0.0
     cells = 0
     for stem in stems:
         image = read_rgb(data / "JPEGImages" / f"{stem}.jpg")
@@ -75,13 +76,15 @@ def main() -> None:
 
         model_labels = probs.argmax(axis=0).astype(np.uint8)  # made for the class map anyway
 
-        def post() -> int:
-            c = decode(probs, aux, mode, min_area, labels=model_labels)
+        def post(join: bool = True) -> int:
+            c = decode(probs, aux, mode, min_area, labels=model_labels, cell_area=areas if join else None,
+                       min_confidence=MIN_CONFIDENCE)
             inst = upsample(c, labels)
             return len(measure(inst, c.classes, c.confidence))
 
         cells += post()
         t_post += best_seconds(post, 0, args.iters)
+        t_split += best_seconds(lambda: post(False), 0, args.iters)
     n = len(stems)
     print(f"\n{n} BCCD test smears (640x480), scale {args.scale}, {mode} output, {cells / n:.0f} cells per smear\n")
     print("| step | ms per smear | share of the whole prediction | share of the model's part |")
@@ -89,8 +92,10 @@ def main() -> None:
     print(f"| whole prediction without cells (scale, resize, model, class map) | {1000 * t_full / n:.1f} | 1.00 | "
           f"{t_full / t_pred:.2f} |")
     print(f"| model's part (tiles, probabilities, instance map) | {1000 * t_pred / n:.1f} | {t_pred / t_full:.2f} | 1.00 |")
-    print(f"| post-processing (decode, resize, measure) | {1000 * t_post / n:.1f} | {t_post / t_full:.2f} | "
-          f"{t_post / t_pred:.2f} |")
+    print(f"| post-processing (decode, join pieces, resize, measure) | {1000 * t_post / n:.1f} | "
+          f"{t_post / t_full:.2f} | {t_post / t_pred:.2f} |")
+    print(f"| the same without joining pieces | {1000 * t_split / n:.1f} | {t_split / t_full:.2f} | "
+          f"{t_split / t_pred:.2f} |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
