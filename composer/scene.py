@@ -295,8 +295,9 @@ def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, p
     angle = float(rng.uniform(0, 360))
     flip = bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
-    if look["cell_stain"] > 0 or look["cell_texture"] > 0:
-        layer = cell_look(layer, rng, look["cell_stain"], look["cell_texture"], prep.additive)
+    stain, texture = look.get("cell_stain", 0.0), look.get("cell_texture", 0.0)
+    if stain > 0 or texture > 0:
+        layer = cell_look(layer, rng, stain, texture, prep.additive)
     if s.cls == "thrombocyte" and look["faint"] > 0 and rng.uniform() < look["faint"]:
         layer = fade(layer, float(rng.uniform(0.35, 0.75)), prep.additive)
     # white cells push the red cells aside rather than lie on them: in density they cover what is below;
