@@ -31,7 +31,7 @@ from bloodcells.imageio import read_rgb  # noqa: E402
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas  # noqa: E402
 from bloodcells.segmenter.checkpoint import load_model  # noqa: E402
 from bloodcells.segmenter.infer import auto_scale, labels_at, predict_logits, resize_image  # noqa: E402
-from bloodcells.segmenter.instances import MIN_CONFIDENCE, decode, measure, upsample  # noqa: E402
+from bloodcells.segmenter.instances import find_cells, measure, upsample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,8 +77,7 @@ def main() -> None:
         model_labels = probs.argmax(axis=0).astype(np.uint8)  # made for the class map anyway
 
         def post(join: bool = True) -> int:
-            c = decode(probs, aux, mode, min_area, labels=model_labels, cell_area=areas if join else None,
-                       min_confidence=MIN_CONFIDENCE)
+            c, _ = find_cells(probs, aux, mode, min_area, areas, model_labels, merge=join)
             inst = upsample(c, labels)
             return len(measure(inst, c.classes, c.confidence))
 

@@ -23,8 +23,7 @@ from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
 from bloodcells.segmenter.data import SegmentationDataset, ShardSampler, read_instances
 from bloodcells.segmenter.instance_metrics import InstanceScorer, format_instance_table
 from bloodcells.segmenter.infer import tta_logits
-from bloodcells.segmenter import instances as _instances
-from bloodcells.segmenter.instances import components, decode
+from bloodcells.segmenter.instances import find_cells
 from bloodcells.segmenter.metrics import ConfusionMatrix, all_reduce, metrics_from_confusion
 from bloodcells.segmenter.runtime import Runtime, leave_process_group, make_runtime
 
@@ -161,11 +160,7 @@ def _instance_scoring(dataset: SegmentationDataset, meta: dict[str, Any], data: 
             paths = scene_paths(dataset.root, dataset.split, dataset.ids[next(position)])
             truth = read_instances(paths.instances).astype(np.int32)
             classes = np.array([NAMES.index(o["class"]) for o in read_json(paths.annotation)["objects"]], np.int64)
-            if mode and aux.shape[1]:
-                cells = decode(probs[j], aux[j, 0], mode, min_area, cell_area=areas if _instances.MERGE else None,
-                               min_confidence=_instances.MIN_CONFIDENCE)
-            else:
-                cells = components(probs[j].argmax(axis=0), min_area, probs[j], _instances.MIN_CONFIDENCE)
+            cells, _ = find_cells(probs[j], aux[j, 0] if aux.shape[1] else None, mode, min_area, areas)
             scorer.add(truth, classes, cells.instances, cells.classes, cells.confidence)
 
     return scorer, on_batch

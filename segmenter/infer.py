@@ -25,8 +25,7 @@ from torch import nn
 from bloodcells.classes import BY_NAME, NAMES, NUM_CLASSES, PLASMA_RGB, cell_classes
 from bloodcells.errors import BloodcellsError
 from bloodcells.segmenter.count import MIN_FRACTION, count_cells, table_areas
-from bloodcells.segmenter import instances as _instances
-from bloodcells.segmenter.instances import Cells, components, decode, measure, upsample
+from bloodcells.segmenter.instances import Cells, find_cells, measure, upsample
 from bloodcells.segmenter.runtime import Runtime, resolve_precision
 
 RBC_DIAMETER_40X = BY_NAME["healthy_rbc"].diameter_40x  # 37 px: the size the models were trained at
@@ -277,13 +276,8 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     min_area = {c: min_fraction * a for c, a in areas.items()}
     model_labels = probs.argmax(axis=0).astype(np.uint8)
     mode = meta.get("config", {}).get("instance")
-    sure = _instances.MIN_CONFIDENCE if min_confidence is None else min_confidence
-    if mode and len(aux):
-        join = _instances.MERGE if merge is None else merge
-        cells = decode(probs, aux[0], mode, min_area, labels=model_labels, cell_area=areas if join else None,
-                       min_confidence=sure)
-    else:
-        cells, mode = components(model_labels, min_area, probs, sure), "area"
+    cells, mode = find_cells(probs, aux[0] if len(aux) else None, mode, min_area, areas, model_labels, merge,
+                             min_confidence)
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])
     inst = upsample(cells, labels)
     final = measure(inst, cells.classes, cells.confidence)

@@ -42,7 +42,7 @@ MERGE_SOLIDITY = 0.8
 MERGE = True  # what predict and evaluate do when not told (README: why)
 # platelets the model is unsure of are mostly faint patches of plasma or stain: on composed val scenes dropping
 # those under 0.8 mean probability raises thrombocyte PQ 0.694 -> 0.721 (bench/RESULTS.md)
-MIN_CONFIDENCE = {CLASSES.index(c): 0.8 for c in CLASSES if c.group == "platelet"}
+MIN_CONFIDENCE = {c.index: 0.8 for c in CLASSES if c.group == "platelet"}
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -171,6 +171,21 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
     if cell_area:
         inst = merge_pieces(inst, labels, cell_area)
     return _finish(inst, probs, labels, min_area, min_confidence)
+
+
+def find_cells(probs: np.ndarray, aux: np.ndarray | None, mode: str | None, min_area: Mapping[int, float],
+               cell_area: Mapping[int, float], labels: np.ndarray | None = None, merge: bool | None = None,
+               min_confidence: Mapping[int, float] | None = None) -> tuple[Cells, str]:
+    """Cells as predict and evaluate find them, and how: decoded from the instance map `aux` (H, W) of a model with
+    an instance output (`mode`), the pieces of one cell joined (merge; None: MERGE) and unsure objects dropped
+    (min_confidence; None: MIN_CONFIDENCE, {}: none); without one, each region of a group is an object ('area')."""
+    labels = probs.argmax(axis=0).astype(np.uint8) if labels is None else labels
+    sure = MIN_CONFIDENCE if min_confidence is None else min_confidence
+    if mode and aux is not None:
+        join = MERGE if merge is None else merge
+        return decode(probs, aux, mode, min_area, labels=labels, cell_area=cell_area if join else None,
+                      min_confidence=sure), mode
+    return components(labels, min_area, probs, sure), "area"
 
 
 def _hull_solidity(mask: np.ndarray) -> float:
