@@ -53,6 +53,10 @@ DEFAULTS: dict[str, Any] = {
         # 1.5 t px or sharpen up to 2 t): a source's look then does not stand for a cell type; 0: off
         "cell_stain": 0.0,
         "cell_texture": 0.0,
+        # the same for every red cell look a canvas draws (healthy and infected alike): a source's look then does not
+        # stand for "infected"; 0: off
+        "rbc_stain": 0.0,
+        "rbc_texture": 0.0,
         "plasma": [[236, 222, 210]],  # plasma (background) colours; each canvas picks one
         "background_tone": 0.04,  # per-canvas plasma colour variation
         "illumination": 0.08,  # strength of a smooth illumination gradient
@@ -224,11 +228,13 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
     if not (isinstance(pl, list) and pl and all(isinstance(c, list) and len(c) == 3 and
                                                 all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in c) for c in pl)):
         raise BloodcellsError(f"{where}: look.plasma must be a list of RGB colours, e.g. [[236, 222, 210], [205, 206, 202]]")
-    if not r["look"]["cell_stain"] < 1:
-        raise BloodcellsError(f"{where}: look.cell_stain must be >= 0 and below 1 (0.25: strong); got {r['look']['cell_stain']!r}")
-    if not r["look"]["cell_texture"] <= 4:
-        raise BloodcellsError(f"{where}: look.cell_texture must be between 0 and 4 (1: blur up to 1.5 px or sharpen "
-                              f"up to 2x); got {r['look']['cell_texture']!r}")
+    for who in ("cell", "rbc"):
+        if not r["look"][f"{who}_stain"] < 1:
+            raise BloodcellsError(f"{where}: look.{who}_stain must be >= 0 and below 1 (0.25: strong); "
+                                  f"got {r['look'][f'{who}_stain']!r}")
+        if not r["look"][f"{who}_texture"] <= 4:
+            raise BloodcellsError(f"{where}: look.{who}_texture must be between 0 and 4 (1: blur up to 1.5 px or "
+                                  f"sharpen up to 2x); got {r['look'][f'{who}_texture']!r}")
     r["look"]["optics"] = resolve_optics(r["look"]["optics"], f"{where}: look.optics")
     if not isinstance(r["seed"], int):
         raise BloodcellsError(f"{where}: seed must be a whole number")

@@ -475,6 +475,9 @@ def _variant(rng: np.random.Generator, prep: Prepared, s: Sprite, sizes: dict, l
     scale = draw_size(rng, sizes, s.cls) / d0
     angle, flip = float(rng.uniform(0, 360)), bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
+    stain, texture = look.get("rbc_stain", 0.0), look.get("rbc_texture", 0.0)
+    if stain > 0 or texture > 0:
+        layer = cell_look(layer, rng, stain, texture, prep.additive)
     return s, layer, angle, flip, scale * d0 / s.diameter
 
 

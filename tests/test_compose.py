@@ -625,3 +625,26 @@ def test_cell_look_is_off_by_default_and_checked(builtin, tmp_path):
     for bad in ({"cell_stain": 1.0}, {"cell_stain": -0.1}, {"cell_texture": 5}):
         with pytest.raises(BloodcellsError, match="look.cell_"):
             validate({"look": bad})
+
+
+def test_rbc_look_gives_each_red_cell_look_its_own_stain_and_keeps_the_labels():
+    """look.rbc_stain / rbc_texture: the red-cell looks a canvas draws get their own stain and sharpness, so a
+    source's look does not stand for infected or healthy; the cells' outlines, so the labels, do not move."""
+    from bloodcells.composer.scene import rbc_canvas
+
+    spreads, labels = [], []
+    for extra in ({}, {"rbc_stain": 0.25, "rbc_texture": 1.0}):
+        rec = validate({**TINY, "canvas": {"density": 1.0, "overlap": -0.3},
+                        "look": {"blend": "alpha", "stain_jitter": 0.0, **extra}})
+        pools, _ = sprite_pools(None, rec)
+        one = pools["train"]["healthy_rbc"][:1]  # one sprite: without the keys every cell looks the same
+        c = rbc_canvas(np.random.default_rng(0), Prepared(0.8, "alpha"), 160, "healthy", one, [], rec)
+        whole = [k for k, p in enumerate(c.placed, 1) if min(p.bbox[:2]) > 0 and max(p.bbox[2:]) < 160]
+        means = np.array([c.img[c.inst == k].mean(0) for k in whole])
+        spreads.append(float(means.std(0).max()))
+        labels.append(int((c.label > 0).sum()))
+    assert spreads[1] > 3 * spreads[0] + 1.0, spreads
+    assert abs(labels[1] - labels[0]) < 0.1 * labels[0]  # the same density of cells; each keeps its outline
+    for bad in ({"rbc_stain": 1.0}, {"rbc_stain": -0.1}, {"rbc_texture": 5}):
+        with pytest.raises(BloodcellsError, match="look.rbc_"):
+            validate({"look": bad})
