@@ -88,13 +88,15 @@ class Result:
 
 def load_model(path: str | Path, device: str = "auto", data: str | Path | None = None, tile: int = 224,
                overlap: float = 0.25, batch: int = 8, precision: str = "auto", balance: bool = False,
-               absent: str | Sequence[str] | None = None) -> Model:
+               absent: str | Sequence[str] | None = None, sure_infected: float | None = None) -> Model:
     """Load a checkpoint for prediction; the options are those of `cli predict` (README, 'Predicting'); `absent`:
-    classes the smears are known not to hold (e.g. "infected_rbc"), never predicted."""
+    classes the smears are known not to hold (e.g. "infected_rbc"), never predicted; `sure_infected`: the least share
+    of a red cell's probability that calls it infected (None: 0.6, `instances.SURE_INFECTED`; 0: by majority)."""
     from bloodcells.segmenter.predict import load_predictor
 
     return Model(Path(path), load_predictor(path, tile=tile, overlap=overlap, batch=batch, precision=precision,
-                                            device=device, data=data, balance=balance, absent=absent))
+                                            device=device, data=data, balance=balance, absent=absent,
+                                            sure_infected=sure_infected))
 
 
 def _check_image(image: Any) -> np.ndarray:

@@ -275,6 +275,7 @@ PRECISION_OPTION = typer.Option("auto", "--precision", help="auto | fp32 | bf16 
 BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image's background to the training scenes' plasma colour")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 TTA_OPTION = typer.Option(False, "--tta", help="average each tile over its 8 flips and quarter turns (8x slower, steadier)")
+SURE_INFECTED_OPTION = typer.Option(None, "--sure-infected", help="call a red cell infected only when the infected class holds at least this share of its red-cell probability (default 0.6: unbiased infected counts on composed scenes; higher: fewer false malaria calls, more missed parasites; 0: by majority)")
 ABSENT_OPTION = typer.Option(None, "--absent", help="classes your smears are known not to hold, never predicted, e.g. infected_rbc for smears without malaria (comma-separated)")
 
 
@@ -292,6 +293,7 @@ def predict_cmd(
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
+    sure_infected: Optional[float] = SURE_INFECTED_OPTION,
     min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop objects below this share of their class's mean cell area (specks)"),
     device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
@@ -302,7 +304,7 @@ def predict_cmd(
 
     s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
                       device=device, force=force, data=data, progress=progress, balance=balance, tta=tta,
-                      min_fraction=min_fraction, absent=absent)
+                      min_fraction=min_fraction, absent=absent, sure_infected=sure_infected)
     typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
@@ -331,6 +333,7 @@ def colorize_cmd(
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
+    sure_infected: Optional[float] = SURE_INFECTED_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -339,7 +342,7 @@ def colorize_cmd(
 
     r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
                      width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
-                     progress=progress, balance=balance, tta=tta, absent=absent)
+                     progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected)
     for line in r["failed"]:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
@@ -366,6 +369,7 @@ def evaluate_real_cmd(
     balance: bool = BALANCE_OPTION,
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
+    sure_infected: Optional[float] = SURE_INFECTED_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -377,7 +381,7 @@ def evaluate_real_cmd(
     result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
                            iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
                            tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
-                           progress=progress, balance=balance, tta=tta, absent=absent)
+                           progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
 

@@ -250,7 +250,7 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
             device: str | torch.device | None = None, balance: bool = False, tta: bool = False,
             cell_area: Mapping[int, float] | None = None, min_fraction: float = MIN_FRACTION,
             absent: Sequence[int] = (), merge: bool | None = None,
-            min_confidence: Mapping[int, float] | None = None) -> Prediction:
+            min_confidence: Mapping[int, float] | None = None, sure_infected: float | None = None) -> Prediction:
     """Predict an image at `scale` (a factor; 'auto' or None: estimated); labels and cells come back at the input's size.
 
     balance: white-balance the background to the training scenes' plasma colour first. tta: average over flips and
@@ -261,7 +261,8 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     of malaria); their probability goes to the other classes (`drop_classes`). merge: join pieces of one cell that
     the instance output split (`instances.merge_pieces`; None: `instances.MERGE`). min_confidence: per class index,
     cells whose mean top probability is lower are dropped (None: `instances.MIN_CONFIDENCE`, platelets under 0.8;
-    {}: none)."""
+    {}: none). sure_infected: a red cell is called infected only when the infected class holds at least this share of its
+    red-cell probability (None: `instances.SURE_INFECTED`; 0: by majority)."""
     factor = None if scale is None else float(scale) if isinstance(scale, (int, float)) else parse_scale(scale)
     diameter = None
     if factor is None:
@@ -277,7 +278,7 @@ def predict(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray, scale:
     model_labels = probs.argmax(axis=0).astype(np.uint8)
     mode = meta.get("config", {}).get("instance")
     cells, mode = find_cells(probs, aux[0] if len(aux) else None, mode, min_area, areas, model_labels, merge,
-                             min_confidence)
+                             min_confidence, sure_infected)
     labels = model_labels if small.shape[:2] == image.shape[:2] else labels_at(probs, image.shape[:2])
     inst = upsample(cells, labels)
     final = measure(inst, cells.classes, cells.confidence)

@@ -186,18 +186,20 @@ class Predictor:
     tta: bool = False  # average over flips and quarter turns
     min_fraction: float = MIN_FRACTION  # objects below this share of their class's expected area are specks
     absent: tuple[int, ...] = ()  # classes the images are known not to hold: never predicted
+    sure_infected: float | None = None  # least infected share of a red cell's probability (None: the default)
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
                        batch=self.batch, precision=self.precision, balance=self.balance, tta=self.tta,
-                       cell_area=self.areas, min_fraction=self.min_fraction, absent=self.absent)
+                       cell_area=self.areas, min_fraction=self.min_fraction, absent=self.absent,
+                       sure_infected=self.sure_infected)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                    precision: str = "auto", device: str = "auto", data: str | Path | None = None,
                    balance: bool = False, tta: bool = False, min_fraction: float = MIN_FRACTION,
-                   absent: str | Sequence[str] | None = None) -> Predictor:
+                   absent: str | Sequence[str] | None = None, sure_infected: float | None = None) -> Predictor:
     """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
     if tile < 32 or tile % 32:
         raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
@@ -209,9 +211,13 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
     dropped = parse_absent(absent)
     if not 0.0 <= min_fraction < 1.0:
         raise BloodcellsError(f"--min-fraction {min_fraction}: must be at least 0 and below 1, e.g. 0.15")
+    if sure_infected is not None and not 0.0 <= sure_infected < 1.0:
+        raise BloodcellsError(f"--sure-infected {sure_infected}: must be at least 0 and below 1 (0.6 by default; "
+                              "0: by majority)")
     model, meta = load_model(model_path, pick_device(device))
     areas, source = resolve_areas(meta, data)
-    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction, dropped)
+    return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction, dropped,
+                     sure_infected)
 
 
 def output_files(stem: str, instances: str | None = None) -> list[str]:
@@ -237,6 +243,8 @@ def settings_key(model_path: str | Path, predictor: Predictor, factor: float | N
            "tta": predictor.tta, "min_fraction": predictor.min_fraction}
     if predictor.absent:  # only when given, so records written before the option existed still match
         key["absent"] = [NAMES[c] for c in predictor.absent]
+    if predictor.sure_infected is not None:  # the same: only when given
+        key["sure_infected"] = predictor.sure_infected
     return json.loads(json.dumps(json_safe(key)))  # as read back from a record
 
 
@@ -310,12 +318,13 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
                   tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
                   progress: bool = True, balance: bool = False, tta: bool = False,
-                  min_fraction: float = MIN_FRACTION, absent: str | Sequence[str] | None = None) -> RunSummary:
+                  min_fraction: float = MIN_FRACTION, absent: str | Sequence[str] | None = None,
+                  sure_infected: float | None = None) -> RunSummary:
     """Predict every input into `out` (maps, cells, counts.csv); unreadable inputs are skipped and listed."""
     out = check_out_folder(out)
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta, min_fraction,
-                               absent)
+                               absent, sure_infected)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
@@ -360,7 +369,8 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
                  every: int = 1, max_frames: int | None = None, fps: float = 5.0, layout: str = "side",
                  width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                  precision: str = "auto", device: str = "auto", progress: bool = True,
-                 balance: bool = False, tta: bool = False, absent: str | Sequence[str] | None = None) -> dict[str, Any]:
+                 balance: bool = False, tta: bool = False, absent: str | Sequence[str] | None = None,
+                 sure_infected: float | None = None) -> dict[str, Any]:
     """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
     out = Path(out)
     kind = out.suffix.lower()
@@ -374,7 +384,7 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
         raise BloodcellsError(f"--width {width}: must be at least 16 px")
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta,
-                               absent=absent)
+                               absent=absent, sure_infected=sure_infected)
     paths, problems = expand_inputs(inputs, videos=True)
     if not paths:
         raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))

@@ -220,3 +220,34 @@ def test_unsure_platelets_are_dropped_and_sure_ones_kept():
     assert sorted(sure.classes.tolist()) == sorted([plt, RBC])
     assert sure.centres[sure.classes == plt][0] == pytest.approx((12.0, 24.0), abs=0.5)
     assert len(components(label, probs=probs, min_confidence=MIN_CONFIDENCE)) == 2
+
+
+def test_red_cells_are_called_infected_only_when_the_model_is_sure():
+    """infected: a red cell whose pixels are mostly infected is still called healthy unless the infected class holds
+    at least that share of its red-cell probability (predict and evaluate use SURE_INFECTED, 0.6); 0: by majority."""
+    from bloodcells.segmenter.instances import SURE_INFECTED, find_cells
+
+    inf = index_of("infected_rbc")
+    label = np.zeros((48, 96), np.uint8)
+    shares = (0.95, 0.55, 0.3)  # sure, unsure (still the majority), healthy
+    probs = np.full((NUM_CLASSES, 48, 96), 0.02 / (NUM_CLASSES - 2), np.float32)
+    probs[0] = 0.0
+    for k, share in enumerate(shares):
+        m = np.zeros_like(label)
+        cv2.circle(m, (16 + 32 * k, 24), 12, 1, -1)
+        label[m > 0] = inf if share > 0.5 else RBC
+        probs[inf][m > 0], probs[RBC][m > 0] = 0.98 * share, 0.98 * (1 - share)
+    probs[0][label == 0] = 1.0
+    probs[1:, label == 0] = 0.0
+    aux = distance_target(cv2.connectedComponents((label > 0).astype(np.uint8))[1])
+    area = {inf: 450.0, RBC: 450.0}
+    assert SURE_INFECTED == 0.6
+    by_x = lambda cells: [int(c) for _, c in sorted(zip(cells.centres[:, 0], cells.classes))]  # noqa: E731
+    assert by_x(decode(probs, aux, "distance")) == [inf, inf, RBC]  # by majority
+    assert by_x(decode(probs, aux, "distance", infected=0.8)) == [inf, RBC, RBC]
+    assert by_x(decode(probs, aux, "distance", infected=0.99)) == [RBC, RBC, RBC]
+    cells, _ = find_cells(probs, aux, "distance", {}, area)  # what predict and evaluate do by default
+    assert by_x(cells) == [inf, RBC, RBC]
+    assert by_x(find_cells(probs, aux, "distance", {}, area, infected=0)[0]) == [inf, inf, RBC]
+    assert by_x(components(label, probs=probs, infected=0.6)) == [inf, RBC, RBC]
+    assert by_x(decode(probs, aux, "distance", infected=0.5)) == [inf, inf, RBC]

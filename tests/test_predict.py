@@ -286,7 +286,7 @@ def test_predict_cli_writes_the_contract_and_resumes(checkpoint, scenes, tmp_pat
 
 def test_cells_of_a_model_with_an_instance_output(tmp_path, scenes) -> None:
     """A model with the distance output: its cells, counts, parasitaemia and outline rendering agree."""
-    from bloodcells.segmenter.predict import predict_files
+    from bloodcells.segmenter.predict import load_predictor, predict_files
 
     torch.manual_seed(1)
     path = tmp_path / "inst.pt"
@@ -313,6 +313,18 @@ def test_cells_of_a_model_with_an_instance_output(tmp_path, scenes) -> None:
     assert len(pred.cells) > 0
     unsure = predict(model, meta, image, scale=1.0, precision="fp32", min_confidence={c: 1.01 for c in range(1, 10)})
     assert len(unsure.cells) == 0 and not unsure.labels.any()
+    # --sure-infected reaches the decoding (the least infected share of a red cell's probability)
+    import bloodcells.segmenter.infer as infer
+
+    seen = []
+    real = infer.find_cells
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(infer, "find_cells", lambda *a, **k: seen.append(a[8]) or real(*a, **k))
+        predict(model, meta, image, scale=1.0, precision="fp32")
+        load_predictor(path, precision="fp32", sure_infected=0.6)(image, 1.0)
+    assert seen == [None, 0.6]
+    with pytest.raises(BloodcellsError, match="--sure-infected"):
+        load_predictor(path, sure_infected=1.0)
 
 
 def test_instance_maps_beyond_16_bits_go_to_a_32_bit_tiff(tmp_path) -> None:
