@@ -2,8 +2,8 @@
 
 A source whose cells are in the sprite bank flatters a model judged on that source's own images. This script
 composes a dataset from the bank *without* one source, trains on it, and predicts that source's real single-cell
-crops at their own scale (`--scale auto`, or the factor given: crops without red cells cannot be measured): the share of crops whose centre cell is found and gets the right WBC
-type. It also scores the same model on BCCD's test smears.
+crops at their own scale (`--scale auto`, or the factor given: crops without red cells cannot be measured): the
+share of crops whose centre cell is found and gets the right WBC type. It also scores the same model on BCCD's test smears.
 
     python bench/loso.py --bank sprites --holdout pbc  --out loso/pbc        # 35-60 min on 2 cores (7 x 800 steps)
     python bench/loso.py --bank sprites --holdout tecom --scale 1 --out loso/tecom   # crops without red cells

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from bloodcells.classes import CLASSES, NUM_CLASSES
+from bloodcells.classes import CLASSES, NUM_CLASSES, index_of
 
 MODES = ("distance", "boundary")
 DEFAULT_INSTANCE = "distance"  # what `cli train --instance auto` uses on scenes with instance maps (README: why)
@@ -47,7 +47,7 @@ MIN_CONFIDENCE = {c.index: 0.8 for c in CLASSES if c.group == "platelet"}
 # (summed over its pixels), else healthy: on composed val scenes 0.6 gives the best PQ of both red-cell classes and
 # infected counts without bias (+0.58 cells a scene by majority, +0.03 at 0.6, -1.18 at 0.8) (bench/RESULTS.md)
 SURE_INFECTED = 0.6
-INFECTED, HEALTHY = (next(c.index for c in CLASSES if c.name == n) for n in ("infected_rbc", "healthy_rbc"))
+INFECTED, HEALTHY = index_of("infected_rbc"), index_of("healthy_rbc")
 
 
 # ---- targets --------------------------------------------------------------------------------------

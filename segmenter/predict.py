@@ -41,7 +41,7 @@ from bloodcells.imageio import IMAGE_SUFFIXES, encode_png, list_images, read_rgb
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
 from bloodcells.segmenter.infer import Prediction, auto_scale, parse_absent, parse_scale, predict
-from bloodcells.segmenter.instances import CELL_COLUMNS, cell_rows, rbc_summary
+from bloodcells.segmenter.instances import CELL_COLUMNS, SURE_INFECTED, cell_rows, rbc_summary
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
 from bloodcells.segmenter.runtime import pick_device
 
@@ -243,8 +243,8 @@ def settings_key(model_path: str | Path, predictor: Predictor, factor: float | N
            "tta": predictor.tta, "min_fraction": predictor.min_fraction}
     if predictor.absent:  # only when given, so records written before the option existed still match
         key["absent"] = [NAMES[c] for c in predictor.absent]
-    if predictor.sure_infected is not None:  # the same: only when given
-        key["sure_infected"] = predictor.sure_infected
+    # always the rule in force: maps made before red cells needed to be sure (by majority) are made again
+    key["sure_infected"] = SURE_INFECTED if predictor.sure_infected is None else predictor.sure_infected
     return json.loads(json.dumps(json_safe(key)))  # as read back from a record
 
 

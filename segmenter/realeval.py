@@ -29,7 +29,7 @@ from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.card import REAL, record_evaluation
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_absent, parse_scale
-from bloodcells.segmenter.instances import SURE_INFECTED
+from bloodcells.segmenter.instances import HEALTHY, INFECTED, SURE_INFECTED
 from bloodcells.segmenter.instances import GROUP_OF, Cells
 from bloodcells.segmenter.predict import load_predictor
 
@@ -37,7 +37,6 @@ GROUP_NAMES = ("rbc", "wbc", "platelet")  # the groups of formats.LABEL_GROUPS
 # class index -> group index (0 background, then GROUP_NAMES order)
 CLASS_GROUP = np.array([GROUP_NAMES.index(c.group) + 1 if c.group in GROUP_NAMES else 0 for c in CLASSES], np.int32)
 WBC_CLASSES = tuple(index_of(n) for n in GROUPS["wbc"])
-INFECTED, HEALTHY = index_of("infected_rbc"), index_of("healthy_rbc")
 
 
 def subtype_of(image: str | Path, subtypes: SubtypeTable) -> str | None:
