@@ -359,6 +359,10 @@ SHARP_PX = 32.0  # a cell seen smaller than this is measured again where it is a
 RADIUS_STEP = 1.05  # candidate radii are 5% apart, in the end
 COARSE_STEP = 1.10  # and 10% apart in the first look over all sizes
 BAND = 1.3  # a closer look covers radii within this factor of the sizes in question
+# an image with room for fewer cells of the measured size than this shows no red cells to measure: the outline
+# found is most likely one white cell filling a crop (Tecom's 120 px crops: room for 2-3; PBC's, LISC's crops
+# and BCCD's smears: 6 and more)
+MIN_ROOM = 5.0
 
 
 @dataclass
@@ -409,7 +413,8 @@ def estimate_rbc_diameter(image: np.ndarray) -> float:
     scale-free, so the image is measured reduced to about FIRST_LOOK_PIXELS and the result scaled back; when
     the best score there is at the smallest radius (cells too small to see, or specks), the sizes below the
     best peak are looked at 2.5x closer, and a cell seen under SHARP_PX wide is measured again, near that
-    size, where it is about SHARP_PX wide. Raises BloodcellsError when no cell outline is found.
+    size, where it is about SHARP_PX wide. Raises BloodcellsError when no cell outline is found, or when the
+    image has room for fewer than MIN_ROOM cells of the size found (a crop around one cell shows no red cells).
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got {image.shape}")
@@ -444,4 +449,8 @@ def estimate_rbc_diameter(image: np.ndarray) -> float:
     fine = _look(signal(sharp), radius / BAND, radius * BAND)
     if fine is not None and not fine.at_smallest:
         diameter = fine.diameter / sharp
+    if h * w < MIN_ROOM * diameter ** 2:
+        raise BloodcellsError(f"image of {w}x{h} px: the cells it shows are {diameter:.0f} px across, room for fewer "
+                              f"than {MIN_ROOM:.0f}, too few to tell red cells from one white cell (a crop around one "
+                              "cell?); pass --scale FACTOR (1 for cells imaged at about 40x, a red cell 37 px)")
     return diameter

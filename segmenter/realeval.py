@@ -233,12 +233,14 @@ def centre_cell(cells: Cells, shape: tuple[int, int], reach: float = 0.25) -> in
 
 def evaluate_crops(model_path: str | Path, items: Sequence[tuple[Path, str]], scale: str | float = "auto",
                    tile: int = 224, overlap: float = 0.25, batch: int = 8, precision: str = "auto",
-                   device: str = "auto", tta: bool = False, progress: bool = True) -> dict[str, Any]:
+                   device: str = "auto", tta: bool = False, progress: bool = True,
+                   balance: bool = False) -> dict[str, Any]:
     """WBC typing on single-cell crops (PBC, LISC, Tecom...): for each (image, true WBC class), whether the cell
     at the crop's centre is found and gets the right type. Returns accuracy overall and per class, and the
-    confusion (true -> predicted, 'none' when no white cell was found at the centre)."""
+    confusion (true -> predicted, 'none' when no white cell was found at the centre). balance: white-balance each
+    crop's background to the training plasma colour first (as `--balance` does)."""
     factor = parse_scale(scale)
-    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, tta=tta)
+    predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta)
     pairs: list[tuple[str, str]] = []
     failed: list[str] = []
     for path, truth in tqdm(items, desc="crops", unit="img", disable=not progress):
@@ -256,7 +258,7 @@ def evaluate_crops(model_path: str | Path, items: Sequence[tuple[Path, str]], sc
     for c in sorted({t for t, _ in pairs}, key=NAMES.index):
         got = [p for t, p in pairs if t == c]
         per_class[c] = {"n": len(got), "accuracy": sum(p == c for p in got) / len(got)}
-    return {"model": str(model_path), "images": len(pairs), "failed": failed,
+    return {"model": str(model_path), "images": len(pairs), "failed": failed, "balance": balance,
             "accuracy": sum(t == p for t, p in pairs) / len(pairs), "per_class": per_class,
             "found": sum(p != "none" for _, p in pairs) / len(pairs),
             "confusion": dict(sorted(Counter(f"{t}->{p}" for t, p in pairs).items()))}

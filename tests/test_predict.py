@@ -143,6 +143,17 @@ def test_auto_scale_on_real_bccd_smears_is_near_the_box_size(datasets) -> None:
         assert 0.65 < d / np.median(sides) < 1.25, (im.path.name, d, np.median(sides))
 
 
+def test_auto_scale_refuses_crops_around_one_cell(datasets) -> None:
+    """A crop filled by one white cell (Tecom's) shows no red cells: --scale auto says so instead of taking the
+    white cell for a red one (a factor of about 0.46 instead of about 1); crops with red cells around are measured."""
+    tecom = sorted((datasets / "wbc_tecom" / "Dataset 1").glob("*.bmp"))[:3]
+    for path in tecom:
+        with pytest.raises(BloodcellsError, match=r"120x120 px.*too few.*--scale FACTOR"):
+            estimate_rbc_diameter(read_rgb(path))
+    for path in sorted((datasets / "pbc" / "PBC_dataset_normal_DIB" / "neutrophil").glob("*.jpg"))[:3]:
+        assert 60 < estimate_rbc_diameter(read_rgb(path)) < 130  # PBC's red cells, ~100 px at its 100x
+
+
 def test_auto_scale_measures_large_smears_on_reduced_copies(scenes, monkeypatch) -> None:
     import bloodcells.segmenter.infer as infer
 
@@ -723,3 +734,45 @@ def test_small_images_are_padded_with_their_plasma_not_a_mirror() -> None:
     assert out.shape == (224, 224, 3) and np.array_equal(out[:100, :150], img)
     assert (out[100:] == plasma).all() and (out[:, 150:] == plasma).all()
     assert _pad_to(np.zeros((224, 300, 3), np.uint8), 224).shape == (224, 300, 3)  # large enough: as it is
+
+
+def test_crop_typing_scores_the_centre_cell_and_passes_white_balance(tmp_path, monkeypatch) -> None:
+    """evaluate_crops (bench/loso.py's typing score): the white cell at each crop's centre, its type against the
+    crop's; a crop whose centre holds no white cell counts as not found; an unreadable crop is listed, not fatal;
+    `balance` reaches the predictor."""
+    import bloodcells.segmenter.realeval as realeval
+
+    shown = {"a": "neutrophil", "b": "lymphocyte", "c": "neutrophil", "d": None}  # what the "model" paints
+    items = []
+    for stem, truth in (("a", "neutrophil"), ("b", "neutrophil"), ("c", "neutrophil"), ("d", "lymphocyte")):
+        write_png(tmp_path / f"{stem}.png", np.full((60, 60, 3), 200, np.uint8))
+        items.append((tmp_path / f"{stem}.png", truth))
+    (tmp_path / "e.png").write_bytes(b"not a png")
+    items.append((tmp_path / "e.png", "monocyte"))
+    seen: dict = {}
+
+    class Painter:
+        def __init__(self) -> None:
+            self.stems = iter("abcd")
+
+        def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
+            lab = np.zeros(image.shape[:2], np.uint8)
+            lab[5:15, 5:15] = HEALTHY  # a red cell in the corner, never the crop's cell
+            cls = shown[next(self.stems)]
+            if cls is not None:
+                lab[15:45, 15:45] = index_of(cls)
+            cells = components(lab, {c: 0.15 * a for c, a in table_areas().items()})
+            return Prediction(lab, lab, 1.0, cells=cells)
+
+    def loader(*args, **kwargs):
+        seen.update(kwargs)
+        return Painter()
+
+    monkeypatch.setattr(realeval, "load_predictor", loader)
+    r = realeval.evaluate_crops("m.pt", items, scale=1.0, progress=False, balance=True)
+    assert seen["balance"] is True and r["balance"] is True
+    assert r["images"] == 4 and len(r["failed"]) == 1 and "e.png" in r["failed"][0]
+    assert r["accuracy"] == pytest.approx(0.5) and r["found"] == pytest.approx(0.75)
+    assert r["per_class"] == {"neutrophil": {"n": 3, "accuracy": pytest.approx(2 / 3)},
+                              "lymphocyte": {"n": 1, "accuracy": 0.0}}
+    assert r["confusion"] == {"lymphocyte->none": 1, "neutrophil->lymphocyte": 1, "neutrophil->neutrophil": 2}
