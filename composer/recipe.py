@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         # 1.5 t px or sharpen up to 2 t): a source's look then does not stand for a cell type; 0: off
         "cell_stain": 0.0,
         "cell_texture": 0.0,
+        "cell_hue": 0.0,  # and its colours turned about the grey axis by up to this many degrees; 0: off
         # the same for every red cell look a canvas draws (healthy and infected alike): a source's look then does not
         # stand for "infected"; 0: off
         "rbc_stain": 0.0,
@@ -235,6 +236,9 @@ def validate(user: dict, where: str = "recipe", stem: str = "custom") -> dict:
         if not r["look"][f"{who}_texture"] <= 4:
             raise BloodcellsError(f"{where}: look.{who}_texture must be between 0 and 4 (1: blur up to 1.5 px or "
                                   f"sharpen up to 2x); got {r['look'][f'{who}_texture']!r}")
+    if not r["look"]["cell_hue"] <= 180:
+        raise BloodcellsError(f"{where}: look.cell_hue must be between 0 and 180 degrees (30: a lab's stain to "
+                              f"another's); got {r['look']['cell_hue']!r}")
     r["look"]["optics"] = resolve_optics(r["look"]["optics"], f"{where}: look.optics")
     if not isinstance(r["seed"], int):
         raise BloodcellsError(f"{where}: seed must be a whole number")

@@ -236,12 +236,25 @@ def jitter_gains(rng: np.random.Generator, strength: float) -> np.ndarray | None
     return np.clip(g, 0.6, 1.4).astype(np.float32)
 
 
-def cell_look(layer: Layer, rng: np.random.Generator, stain: float, texture: float, additive: bool) -> Layer:
+def hue_rotation(degrees: float) -> np.ndarray:
+    """3x3 RGB matrix turning every colour's chroma by `degrees` about the grey axis (YIQ), keeping its luma."""
+    t = np.radians(degrees)
+    turn = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), -np.sin(t)], [0.0, np.sin(t), np.cos(t)]])
+    return (np.linalg.inv(_RGB_TO_YIQ) @ turn @ _RGB_TO_YIQ).astype(np.float32)
+
+
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def cell_look(layer: Layer, rng: np.random.Generator, stain: float, texture: float, additive: bool,
+              hue: float = 0.0) -> Layer:
     """One object's own appearance, so that a source's look (its stain, the sharpness of its optics) does not
     stand for a cell type: the cell's haematoxylin, eosin and DAB concentrations scaled by U(1 - stain, 1 + stain)
-    and shifted by U(-stain, stain) / 4 (optical density); then, equally likely, a blur (sigma up to 1.5 * texture
-    px) or an unsharp mask (amount up to 2 * texture), both inside the cell only (normalised by its alpha, so its
-    outline stays as sharp as it was). Alpha and mask, so the label, are unchanged; 0 turns either off."""
+    and shifted by U(-stain, stain) / 4 (optical density); with `hue`, its colours turned about the grey axis by
+    U(-hue, hue) degrees (labs' Romanowsky stains differ in hue, not only in strength); then, equally likely, a
+    blur (sigma up to 1.5 * texture px) or an unsharp mask (amount up to 2 * texture), both inside the cell only
+    (normalised by its alpha, so its outline stays as sharp as it was). Alpha and mask, so the label, are
+    unchanged; 0 turns each off."""
     a = layer.alpha
     a3 = np.maximum(a, np.float32(1e-3))[..., None]
     col = layer.rgb / a3  # un-premultiplied: optical density (additive) or RGB
@@ -249,6 +262,10 @@ def cell_look(layer: Layer, rng: np.random.Generator, stain: float, texture: flo
     if stain > 0:
         m, off = hed_affine(rng.uniform(1 - stain, 1 + stain, 3), rng.uniform(-stain, stain, 3) * 0.25)
         od = cv2.transform(np.ascontiguousarray(od, np.float32), np.hstack([m.T, off[:, None]]).astype(np.float32))
+    if hue > 0:  # turned in RGB, where hue is defined, and back to optical density
+        rgb = 256.0 * np.exp(-np.maximum(od, 0.0)) - 1.0
+        rgb = cv2.transform(np.ascontiguousarray(rgb, np.float32), hue_rotation(float(rng.uniform(-hue, hue))))
+        od = -np.log((np.clip(rgb, 0.0, 255.0) + 1.0) / 256.0)
     if texture > 0:
         blur = bool(rng.integers(2))
         amount = float(rng.uniform(0.0, (1.5 if blur else 2.0) * texture))
@@ -295,9 +312,9 @@ def place_sprite(img: np.ndarray, label: np.ndarray, rng: np.random.Generator, p
     angle = float(rng.uniform(0, 360))
     flip = bool(rng.integers(2))
     layer = transform(pm, scale, angle, flip, jitter_gains(rng, look["stain_jitter"]))
-    stain, texture = look.get("cell_stain", 0.0), look.get("cell_texture", 0.0)
-    if stain > 0 or texture > 0:
-        layer = cell_look(layer, rng, stain, texture, prep.additive)
+    stain, texture, hue = look.get("cell_stain", 0.0), look.get("cell_texture", 0.0), look.get("cell_hue", 0.0)
+    if stain > 0 or texture > 0 or hue > 0:
+        layer = cell_look(layer, rng, stain, texture, prep.additive, hue)
     if s.cls == "thrombocyte" and look["faint"] > 0 and rng.uniform() < look["faint"]:
         layer = fade(layer, float(rng.uniform(0.35, 0.75)), prep.additive)
     # white cells push the red cells aside rather than lie on them: in density they cover what is below;

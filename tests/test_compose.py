@@ -622,8 +622,47 @@ def test_cell_look_is_off_by_default_and_checked(builtin, tmp_path):
     a = Composer(r, "train", pools["train"]).scene(0)
     b = Composer(on, "train", pools["train"]).scene(0)
     assert not np.array_equal(a[0], b[0])  # the recipe keys reach the scenes
+    assert r["look"]["cell_hue"] == 0
+    turned = Composer(load_recipe("tiny", {**TINY, "look": {"cell_hue": 30}}), "train", pools["train"]).scene(0)
+    assert not np.array_equal(a[0], turned[0])
     for bad in ({"cell_stain": 1.0}, {"cell_stain": -0.1}, {"cell_texture": 5}):
         with pytest.raises(BloodcellsError, match="look.cell_"):
+            validate({"look": bad})
+
+
+@pytest.mark.parametrize("blend", ["optical_density", "alpha"])
+def test_cell_hue_turns_a_cells_colours_about_the_grey_axis_within_its_range(blend):
+    """look.cell_hue: each object's colours turned by up to that many degrees; brightness, alpha and mask kept."""
+    from bloodcells.composer.scene import cell_look, hue_rotation
+
+    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    assert np.allclose(hue_rotation(20.0) @ hue_rotation(-20.0), np.eye(3), atol=1e-5)
+    assert np.allclose(hue_rotation(45.0) @ np.full(3, 100.0), 100.0, atol=1e-3)  # grey stays grey
+    prep = Prepared(0.8, blend)
+    pm, _ = prep.get(_textured_sprite(), 28.0)
+    base = transform(pm, 1.0, 0.0, False)
+    inside = base.alpha > 0.98
+
+    def colour(layer):  # mean RGB inside the cell
+        col = layer.rgb[inside] / layer.alpha[inside][:, None]
+        return (256.0 * np.exp(-col) - 1.0 if prep.additive else col).mean(0)
+
+    def angle(rgb):
+        _, i, q = yiq @ rgb
+        return np.degrees(np.arctan2(q, i))
+
+    ref = colour(base)
+    turns = []
+    for seed in range(24):
+        out = cell_look(base, np.random.default_rng(seed), 0.0, 0.0, prep.additive, hue=30.0)
+        assert out.mask is base.mask and np.array_equal(out.alpha, base.alpha)  # the label cannot move
+        assert not out.rgb[base.alpha <= 1e-3].any()
+        c = colour(out)
+        assert abs((yiq @ c)[0] - (yiq @ ref)[0]) < 3.0  # brightness kept
+        turns.append((angle(c) - angle(ref) + 180.0) % 360.0 - 180.0)
+    assert max(np.abs(turns)) <= 31.0 and min(turns) < -15.0 and max(turns) > 15.0, turns
+    for bad in ({"cell_hue": 200}, {"cell_hue": -1}):
+        with pytest.raises(BloodcellsError, match="look.cell_hue"):
             validate({"look": bad})
 
 
