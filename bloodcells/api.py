@@ -88,15 +88,19 @@ class Result:
 
 def load_model(path: str | Path, device: str = "auto", data: str | Path | None = None, tile: int = 224,
                overlap: float = 0.25, batch: int = 8, precision: str = "auto", balance: bool = False,
-               absent: str | Sequence[str] | None = None, sure_infected: float | None = None) -> Model:
+               absent: str | Sequence[str] | None = None, sure_infected: float | None = None,
+               join: bool | None = None, platelet_confidence: float | None = None) -> Model:
     """Load a checkpoint for prediction; the options are those of `cli predict` (README, 'Predicting'); `absent`:
     classes the smears are known not to hold (e.g. "infected_rbc"), never predicted; `sure_infected`: the least share
-    of a red cell's probability that calls it infected (None: 0.6, `instances.SURE_INFECTED`; 0: by majority)."""
+    of a red cell's probability that calls it infected (None: 0.6, `instances.SURE_INFECTED`; 0: by majority); `join`:
+    join pieces of one cell (None: yes, `instances.MERGE`); `platelet_confidence`: platelets of a lower mean probability
+    are dropped (None: 0.8, `instances.MIN_CONFIDENCE`; 0: none)."""
     from bloodcells.segmenter.predict import load_predictor
 
     return Model(Path(path), load_predictor(path, tile=tile, overlap=overlap, batch=batch, precision=precision,
                                             device=device, data=data, balance=balance, absent=absent,
-                                            sure_infected=sure_infected))
+                                            sure_infected=sure_infected, join=join,
+                                            platelet_confidence=platelet_confidence))
 
 
 def _check_image(image: Any) -> np.ndarray:

@@ -276,6 +276,8 @@ BALANCE_OPTION = typer.Option(False, "--balance", help="white-balance each image
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 TTA_OPTION = typer.Option(False, "--tta", help="average each tile over its 8 flips and quarter turns (8x slower, steadier)")
 SURE_INFECTED_OPTION = typer.Option(None, "--sure-infected", help="call a red cell infected only when the infected class holds at least this share of its red-cell probability (default 0.6: unbiased infected counts on composed scenes; higher: fewer false malaria calls, more missed parasites; 0: by majority)")
+JOIN_OPTION = typer.Option(None, "--join/--no-join", help="join pieces of one cell that the model's instance output cut apart (default: join; --no-join: cells as decoded)")
+PLATELET_CONFIDENCE_OPTION = typer.Option(None, "--platelet-confidence", help="drop platelets whose mean probability of their class is below this (default 0.8: mostly faint patches of plasma; 0: keep all)")
 ABSENT_OPTION = typer.Option(None, "--absent", help="classes your smears are known not to hold, never predicted, e.g. infected_rbc for smears without malaria (comma-separated)")
 
 
@@ -294,6 +296,8 @@ def predict_cmd(
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
     sure_infected: Optional[float] = SURE_INFECTED_OPTION,
+    join: Optional[bool] = JOIN_OPTION,
+    platelet_confidence: Optional[float] = PLATELET_CONFIDENCE_OPTION,
     min_fraction: float = typer.Option(0.15, "--min-fraction", help="drop objects below this share of their class's mean cell area (specks)"),
     device: str = DEVICE_OPTION,
     force: bool = typer.Option(False, "--force", help="predict again inputs already done"),
@@ -304,7 +308,8 @@ def predict_cmd(
 
     s = predict_files(model, inputs, out, scale=scale, tile=tile, overlap=overlap, batch=batch, precision=precision,
                       device=device, force=force, data=data, progress=progress, balance=balance, tta=tta,
-                      min_fraction=min_fraction, absent=absent, sure_infected=sure_infected)
+                      min_fraction=min_fraction, absent=absent, sure_infected=sure_infected, join=join,
+                      platelet_confidence=platelet_confidence)
     typer.echo(f"{out}: predicted {len(s.done)}, already done {len(s.resumed)}, skipped {len(s.failed)} "
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
@@ -334,6 +339,8 @@ def colorize_cmd(
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
     sure_infected: Optional[float] = SURE_INFECTED_OPTION,
+    join: Optional[bool] = JOIN_OPTION,
+    platelet_confidence: Optional[float] = PLATELET_CONFIDENCE_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -342,7 +349,8 @@ def colorize_cmd(
 
     r = colorize_run(model, inputs, out, scale=scale, every=every, max_frames=max_frames, fps=fps, layout=layout,
                      width=width, tile=tile, overlap=overlap, batch=batch, precision=precision, device=device,
-                     progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected)
+                     progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected,
+                     join=join, platelet_confidence=platelet_confidence)
     for line in r["failed"]:
         typer.echo(f"skipped: {line}", err=True)
     typer.echo(f"wrote {r['out']}: {r['frames']} frames at {r['fps']:g} fps "
@@ -370,6 +378,8 @@ def evaluate_real_cmd(
     tta: bool = TTA_OPTION,
     absent: Optional[str] = ABSENT_OPTION,
     sure_infected: Optional[float] = SURE_INFECTED_OPTION,
+    join: Optional[bool] = JOIN_OPTION,
+    platelet_confidence: Optional[float] = PLATELET_CONFIDENCE_OPTION,
     device: str = DEVICE_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -381,7 +391,8 @@ def evaluate_real_cmd(
     result = evaluate_real(model, voc or yolo, layout="voc" if voc is not None else "yolo", split=split, scale=scale,
                            iou=iou, min_fraction=min_fraction, wbc_labels=wbc_labels, out=out, max_images=max_images,
                            tile=tile, overlap=overlap, batch=batch, precision=precision, device=device, data=data,
-                           progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected)
+                           progress=progress, balance=balance, tta=tta, absent=absent, sure_infected=sure_infected,
+                           join=join, platelet_confidence=platelet_confidence)
     typer.echo(format_table(result))
     typer.echo(f"wrote {result['out']}/metrics.json")
 

@@ -41,7 +41,8 @@ from bloodcells.imageio import IMAGE_SUFFIXES, encode_png, list_images, read_rgb
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
 from bloodcells.segmenter.infer import Prediction, auto_scale, parse_absent, parse_scale, predict
-from bloodcells.segmenter.instances import CELL_COLUMNS, SURE_INFECTED, cell_rows, rbc_summary
+from bloodcells.segmenter.instances import (CELL_COLUMNS, MERGE, MIN_CONFIDENCE, SURE_INFECTED, cell_rows,
+                                           rbc_summary)
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
 from bloodcells.segmenter.runtime import pick_device
 
@@ -187,19 +188,29 @@ class Predictor:
     min_fraction: float = MIN_FRACTION  # objects below this share of their class's expected area are specks
     absent: tuple[int, ...] = ()  # classes the images are known not to hold: never predicted
     sure_infected: float | None = None  # least infected share of a red cell's probability (None: the default)
+    join: bool | None = None  # join pieces of one cell (None: instances.MERGE)
+    platelet_confidence: float | None = None  # least mean probability of a platelet (None: instances.MIN_CONFIDENCE)
+
+    @property
+    def min_confidence(self) -> dict[int, float] | None:
+        """The per-class limits `predict` takes: None (the default) or the given one for every platelet class."""
+        if self.platelet_confidence is None:
+            return None
+        return {c: self.platelet_confidence for c in MIN_CONFIDENCE}
 
     def __call__(self, image: np.ndarray, scale: float | None) -> Prediction:
         """Predict one image at a factor (None: estimate it)."""
         return predict(self.model, self.meta, image, scale=scale, tile=self.tile, overlap=self.overlap,
                        batch=self.batch, precision=self.precision, balance=self.balance, tta=self.tta,
                        cell_area=self.areas, min_fraction=self.min_fraction, absent=self.absent,
-                       sure_infected=self.sure_infected)
+                       sure_infected=self.sure_infected, merge=self.join, min_confidence=self.min_confidence)
 
 
 def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                    precision: str = "auto", device: str = "auto", data: str | Path | None = None,
                    balance: bool = False, tta: bool = False, min_fraction: float = MIN_FRACTION,
-                   absent: str | Sequence[str] | None = None, sure_infected: float | None = None) -> Predictor:
+                   absent: str | Sequence[str] | None = None, sure_infected: float | None = None,
+                   join: bool | None = None, platelet_confidence: float | None = None) -> Predictor:
     """Load a checkpoint for prediction and resolve the cell areas for counting; checks the options first."""
     if tile < 32 or tile % 32:
         raise BloodcellsError(f"--tile {tile}: must be a multiple of 32 (every architecture halves the size 5 times "
@@ -214,10 +225,13 @@ def load_predictor(model_path: str | Path, tile: int = 224, overlap: float = 0.2
     if sure_infected is not None and not 0.0 <= sure_infected < 1.0:
         raise BloodcellsError(f"--sure-infected {sure_infected}: must be at least 0 and below 1 (0.6 by default; "
                               "0: by majority)")
+    if platelet_confidence is not None and not 0.0 <= platelet_confidence <= 1.0:
+        raise BloodcellsError(f"--platelet-confidence {platelet_confidence}: must be between 0 and 1 (0.8 by default; "
+                              "0: keep every platelet found)")
     model, meta = load_model(model_path, pick_device(device))
     areas, source = resolve_areas(meta, data)
     return Predictor(model, meta, areas, source, tile, overlap, batch, precision, balance, tta, min_fraction, dropped,
-                     sure_infected)
+                     sure_infected, join, platelet_confidence)
 
 
 def output_files(stem: str, instances: str | None = None) -> list[str]:
@@ -245,6 +259,12 @@ def settings_key(model_path: str | Path, predictor: Predictor, factor: float | N
         key["absent"] = [NAMES[c] for c in predictor.absent]
     # always the rule in force: maps made before red cells needed to be sure (by majority) are made again
     key["sure_infected"] = SURE_INFECTED if predictor.sure_infected is None else predictor.sure_infected
+    # only when they differ from the defaults, so records written before the options existed still match
+    if predictor.join is not None and predictor.join != MERGE:
+        key["join"] = predictor.join
+    limits = predictor.min_confidence
+    if limits is not None and limits != MIN_CONFIDENCE:
+        key["platelet_confidence"] = predictor.platelet_confidence
     return json.loads(json.dumps(json_safe(key)))  # as read back from a record
 
 
@@ -319,12 +339,13 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
                   device: str = "auto", force: bool = False, data: str | Path | None = None,
                   progress: bool = True, balance: bool = False, tta: bool = False,
                   min_fraction: float = MIN_FRACTION, absent: str | Sequence[str] | None = None,
-                  sure_infected: float | None = None) -> RunSummary:
+                  sure_infected: float | None = None, join: bool | None = None,
+                  platelet_confidence: float | None = None) -> RunSummary:
     """Predict every input into `out` (maps, cells, counts.csv); unreadable inputs are skipped and listed."""
     out = check_out_folder(out)
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta, min_fraction,
-                               absent, sure_infected)
+                               absent, sure_infected, join, platelet_confidence)
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BloodcellsError("no input images: " + "; ".join(problems or ["give image files, folders or globs"]))
@@ -370,7 +391,8 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
                  width: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                  precision: str = "auto", device: str = "auto", progress: bool = True,
                  balance: bool = False, tta: bool = False, absent: str | Sequence[str] | None = None,
-                 sure_infected: float | None = None) -> dict[str, Any]:
+                 sure_infected: float | None = None, join: bool | None = None,
+                 platelet_confidence: float | None = None) -> dict[str, Any]:
     """Render predictions of images and/or video frames into one GIF or MP4 (`out`'s suffix decides)."""
     out = Path(out)
     kind = out.suffix.lower()
@@ -384,7 +406,8 @@ def colorize_run(model_path: str | Path, inputs: Sequence[str | Path], out: str 
         raise BloodcellsError(f"--width {width}: must be at least 16 px")
     factor = parse_scale(scale)
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, balance=balance, tta=tta,
-                               absent=absent, sure_infected=sure_infected)
+                               absent=absent, sure_infected=sure_infected, join=join,
+                               platelet_confidence=platelet_confidence)
     paths, problems = expand_inputs(inputs, videos=True)
     if not paths:
         raise BloodcellsError("no inputs: " + "; ".join(problems or ["give images, folders, globs or a video"]))

@@ -29,7 +29,7 @@ from bloodcells.imageio import read_rgb
 from bloodcells.segmenter.card import REAL, record_evaluation
 from bloodcells.segmenter.count import MIN_FRACTION
 from bloodcells.segmenter.infer import parse_absent, parse_scale
-from bloodcells.segmenter.instances import HEALTHY, INFECTED, SURE_INFECTED
+from bloodcells.segmenter.instances import HEALTHY, INFECTED, MERGE, MIN_CONFIDENCE, SURE_INFECTED
 from bloodcells.segmenter.instances import GROUP_OF, Cells
 from bloodcells.segmenter.predict import load_predictor
 
@@ -109,7 +109,8 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
                   max_images: int | None = None, tile: int = 224, overlap: float = 0.25, batch: int = 8,
                   precision: str = "auto", device: str = "auto", data: str | Path | None = None,
                   progress: bool = True, balance: bool = False, tta: bool = False,
-                  absent: str | Sequence[str] | None = None, sure_infected: float | None = None) -> dict[str, Any]:
+                  absent: str | Sequence[str] | None = None, sure_infected: float | None = None,
+                  join: bool | None = None, platelet_confidence: float | None = None) -> dict[str, Any]:
     """Predict every annotated smear of a split, match its cells to boxes per group, write metrics.json and add
     the scores to the model card beside the checkpoint."""
     if not 0.0 < iou <= 1.0:
@@ -124,7 +125,8 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         raise BloodcellsError(f"{root}: no annotated images in split {split!r}")
     subtypes = read_wbc_subtypes(wbc_labels) if wbc_labels is not None else None
     predictor = load_predictor(model_path, tile, overlap, batch, precision, device, data, balance, tta=tta,
-                               min_fraction=min_fraction, absent=absent, sure_infected=sure_infected)
+                               min_fraction=min_fraction, absent=absent, sure_infected=sure_infected, join=join,
+                               platelet_confidence=platelet_confidence)
     totals = {g: Counter() for g in GROUP_NAMES}
     rbc_px = np.zeros(2, np.int64)  # pixels predicted infected, healthy
     count_err: dict[str, list[float]] = {g: [] for g in GROUP_NAMES}
@@ -169,6 +171,9 @@ def evaluate_real(model_path: str | Path, root: str | Path, layout: str = "auto"
         "tta": tta,
         "absent": [NAMES[c] for c in parse_absent(absent)],
         "sure_infected": SURE_INFECTED if sure_infected is None else sure_infected,
+        "join": MERGE if join is None else join,
+        "platelet_confidence": (max(MIN_CONFIDENCE.values()) if platelet_confidence is None
+                                else platelet_confidence),
         "count_error_pct": {g: (float(np.mean(v)) if v else None) for g, v in count_err.items()},
         "rbc_infected_share": float(rbc_px[0] / rbc_px.sum()) if rbc_px.sum() else None,
         "areas_source": predictor.areas_source,

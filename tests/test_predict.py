@@ -336,6 +336,27 @@ def test_cells_of_a_model_with_an_instance_output(tmp_path, scenes) -> None:
     assert seen == [None, 0.6]
     with pytest.raises(BloodcellsError, match="--sure-infected"):
         load_predictor(path, sure_infected=1.0)
+    # --no-join and --platelet-confidence reach the decoding, and a folder predicted otherwise is predicted again
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(infer, "find_cells", lambda *a, **k: seen.append(a[6:8]) or real(*a, **k))
+        predict(model, meta, image, scale=1.0, precision="fp32")
+        load_predictor(path, precision="fp32", join=False, platelet_confidence=0.5)(image, 1.0)
+    platelets = {c.index for c in CLASSES if c.group == "platelet"}
+    assert seen[0] == (None, None) and seen[1] == (False, {c: 0.5 for c in platelets})
+    with pytest.raises(BloodcellsError, match="--platelet-confidence"):
+        load_predictor(path, platelet_confidence=1.5)
+    one = tmp_path / "one"
+    one.mkdir()
+    write_png(one / "a.png", image)
+    r = run("predict", str(one), "--model", str(path), "--out", str(tmp_path / "q"), "--precision", "fp32",
+            "--no-progress")
+    assert r.exit_code == 0 and "predicted 1," in r.output, r.output
+    r = run("predict", str(one), "--model", str(path), "--out", str(tmp_path / "q"), "--precision", "fp32",
+            "--no-join", "--platelet-confidence", "0", "--no-progress")
+    assert r.exit_code == 0 and "predicted 1," in r.output, r.output  # other settings: made again
+    record = read_json(tmp_path / "q" / ".predict" / "a.json")
+    assert record["key"]["join"] is False and record["key"]["platelet_confidence"] == 0
 
 
 def test_instance_maps_beyond_16_bits_go_to_a_32_bit_tiff(tmp_path) -> None:
