@@ -314,6 +314,9 @@ def predict_cmd(
                f"(cell areas from {s.areas_source})")
     cells = ", ".join(f"{n} {v}" for n, v in s.totals.items() if v)
     typer.echo(f"cells: {cells or 'none'}  -> {out / 'counts.csv'}")
+    if s.tinted:
+        typer.echo(f"note: {len(s.tinted)} of {len(s.done)} images (e.g. {s.tinted[0]}) lie on a background tinted "
+                   "beyond any plasma of the training scenes; --balance white-balances each image first")
     for line in s.failed:
         typer.echo(f"skipped: {line}", err=True)
     if not s.ok:

@@ -238,6 +238,20 @@ def auto_scale(image: np.ndarray) -> tuple[float, float]:
     return RBC_DIAMETER_40X / d, d
 
 
+# A smear whose background lies farther than this from the scenes' plasma colour (log-chromaticity distance,
+# `plasma_tint`) is tinted beyond anything the scenes were composed on: the smears of BCCD, PBC and LISC, whose
+# plasma fields the scenes use, lie 0.05-0.12 from it, Tecom's yellow ground 0.12-0.45 (bench/plasma_tint.py,
+# bench/RESULTS.md). predict names such smears and suggests --balance.
+TINT_LIMIT = 0.15
+
+
+def plasma_tint(image: np.ndarray) -> float:
+    """How far the smear's background colour lies from the composed scenes' plasma: the distance between their
+    log-chromaticities (log RGB less its mean, so brightness does not count); 0 for the same hue."""
+    a, b = np.log(np.maximum(plasma_colour(image), 1.0)), np.log(np.asarray(PLASMA_RGB, np.float64))
+    return float(np.linalg.norm((a - a.mean()) - (b - b.mean())))
+
+
 def balance_background(image: np.ndarray) -> np.ndarray:
     """Scale each channel so the smear's background (its brightest 15%) takes the plasma colour of composed scenes."""
     bg = plasma_colour(image)

@@ -40,7 +40,8 @@ from bloodcells.formats import json_safe, write_json
 from bloodcells.imageio import IMAGE_SUFFIXES, encode_png, list_images, read_rgb, write_bytes_atomic, write_png
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas
-from bloodcells.segmenter.infer import Prediction, auto_scale, parse_absent, parse_scale, predict
+from bloodcells.segmenter.infer import (TINT_LIMIT, Prediction, auto_scale, parse_absent, parse_scale, plasma_tint,
+                                        predict)
 from bloodcells.segmenter.instances import (CELL_COLUMNS, MERGE, MIN_CONFIDENCE, SURE_INFECTED, cell_rows,
                                            rbc_summary)
 from bloodcells.segmenter.render import VIDEO_SUFFIXES, iter_frames, side_by_side, write_gif, write_mp4
@@ -327,6 +328,7 @@ class RunSummary:
     failed: list[str] = field(default_factory=list)  # one line per input that could not be used
     areas_source: str = ""
     totals: dict[str, int] = field(default_factory=dict)
+    tinted: list[str] = field(default_factory=list)  # stems predicted without --balance whose ground is tinted
 
     @property
     def ok(self) -> bool:
@@ -370,6 +372,8 @@ def predict_files(model_path: str | Path, inputs: Sequence[str | Path], out: str
             msg = str(e)
             summary.failed.append(msg if str(path) in msg else f"{path}: {msg}")
             continue
+        if not predictor.balance and plasma_tint(image) > TINT_LIMIT:
+            summary.tinted.append(stem)
         write_png(out / f"{stem}.png", pred.labels)
         write_png(out / f"{stem}_color.png", colorize(pred.labels))
         inst_file = write_instances(out, stem, pred.cells.instances)

@@ -687,6 +687,29 @@ def test_yolo_layout_reads_boxes_in_pixels(tmp_path) -> None:
         read_yolo(tmp_path, "val")
 
 
+def test_predict_names_smears_on_a_tinted_ground_and_balance_silences_it(checkpoint, tmp_path) -> None:
+    """A yellow ground (Tecom's, far from any plasma of the scenes) is named in the summary and the CLI's note;
+    a cream one is not; with --balance none is. The tint ignores brightness."""
+    from bloodcells.classes import PLASMA_RGB
+    from bloodcells.segmenter.infer import TINT_LIMIT, plasma_tint
+    from bloodcells.segmenter.predict import predict_files
+
+    src = tmp_path / "in"
+    for name, ground in (("cream", (230, 214, 205)), ("yellow", (250, 235, 152))):
+        img = np.full((96, 128, 3), ground, np.uint8)
+        cv2.circle(img, (40, 50), 18, (160, 90, 120), -1)
+        write_png(src / f"{name}.png", img)
+    plasma = np.full((40, 40, 3), PLASMA_RGB, np.uint8)
+    assert plasma_tint(plasma) < 0.01 and plasma_tint((plasma * 0.6).astype(np.uint8)) < 0.02
+    assert plasma_tint(read_rgb(src / "cream.png")) < TINT_LIMIT < plasma_tint(read_rgb(src / "yellow.png"))
+    go = dict(precision="fp32", progress=False)
+    assert predict_files(checkpoint, [src], tmp_path / "a", **go).tinted == ["yellow"]
+    assert predict_files(checkpoint, [src], tmp_path / "b", balance=True, **go).tinted == []
+    r = run("predict", str(src), "--model", str(checkpoint), "--out", str(tmp_path / "c"), "--no-progress",
+             "--precision", "fp32")
+    assert r.exit_code == 0 and "1 of 2 images (e.g. yellow)" in r.output and "--balance" in r.output
+
+
 def test_balance_background_takes_the_plasma_colour():
     from bloodcells.classes import PLASMA_RGB
     from bloodcells.segmenter.infer import balance_background
