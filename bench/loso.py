@@ -11,10 +11,12 @@ share of crops whose centre cell is found and gets the right WBC type. It also s
     python bench/loso.py --bank sprites --holdout pbc --recipe bench/recipes/base.yaml --augment geometric --out loso/pbc-base
     python bench/loso.py --holdout pbc --model runs/realistic/best.pt --out loso/pbc-in-bank   # a model that saw them
     python bench/loso.py --holdout tecom --model loso/tecom/run/best.pt --scale 1 --balance --out loso/tecom-bal
+    python bench/loso.py --holdout pbc --model loso/pbc/run/best.pt --tta --out loso/pbc-tta   # 8 views a tile
 
 With `--model`, nothing is composed or trained: that model is scored on the source's crops (the comparison: a
 model whose bank held the source's sprites, whose own crops it was partly cut from). `--balance` white-balances
-each crop and BCCD smear to the training plasma colour first, as `cli predict --balance` does.
+each crop and BCCD smear to the training plasma colour first, as `cli predict --balance` does; `--tta` averages
+each prediction over flips and quarter turns, as `cli predict --tta` does (8 times the time).
 
 Each step is skipped when its output exists (compose and training resume), so an interrupted run is re-run with
 the same command. Results: <out>/loso.json and a table on stdout (bench/RESULTS.md records them).
@@ -72,6 +74,7 @@ def main() -> None:
                          "cells to measure, so give 1 (its cells are imaged at about the scenes' size)")
     ap.add_argument("--balance", action="store_true",
                     help="white-balance each crop and smear to the training plasma colour before predicting (--balance)")
+    ap.add_argument("--tta", action="store_true", help="average over flips and quarter turns when scoring (--tta)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--datasets", type=Path,
@@ -104,14 +107,15 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     t2 = time.time()
     held = crops(args.datasets, args.holdout)
-    typing = evaluate_crops(model, held, scale=args.scale, progress=False, balance=args.balance)
+    typing = evaluate_crops(model, held, scale=args.scale, progress=False, balance=args.balance, tta=args.tta)
     bccd = evaluate_real(model, args.datasets / "bccd" / "BCCD", layout="voc", split="test", scale="auto",
                          wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
-                         out=args.out / "bccd-test", balance=args.balance)
+                         out=args.out / "bccd-test", balance=args.balance, tta=args.tta)
     result = {"holdout": args.holdout, "source": source, "model": str(model), "left_out": args.model is None,
               "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
-              "best": summary.get("best"), "crops_scale": args.scale, "balance": args.balance, "crops": typing,
+              "best": summary.get("best"), "crops_scale": args.scale, "balance": args.balance, "tta": args.tta,
+              "crops": typing,
               "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},
                             "wbc_subtype": bccd["wbc_subtype"]["accuracy"],
                             "rbc_infected_share": bccd["rbc_infected_share"]}}
