@@ -706,7 +706,7 @@ def test_predict_names_smears_on_a_tinted_ground_and_balance_silences_it(checkpo
     assert predict_files(checkpoint, [src], tmp_path / "a", **go).tinted == ["yellow"]
     assert predict_files(checkpoint, [src], tmp_path / "b", balance=True, **go).tinted == []
     r = run("predict", str(src), "--model", str(checkpoint), "--out", str(tmp_path / "c"), "--no-progress",
-             "--precision", "fp32")
+            "--precision", "fp32")
     assert r.exit_code == 0 and "1 of 2 images (e.g. yellow)" in r.output and "--balance" in r.output
 
 
