@@ -9,6 +9,7 @@ share of crops whose centre cell is found and gets the right WBC type. It also s
     python bench/loso.py --bank sprites --holdout tecom --scale 1 --out loso/tecom   # crops without red cells
     python bench/loso.py --bank sprites --holdout lisc --out loso/lisc
     python bench/loso.py --bank sprites --holdout pbc --recipe bench/recipes/base.yaml --augment geometric --out loso/pbc-base
+    python bench/loso.py --bank sprites --holdout lisc --seed 1 --out loso/lisc-s1   # another training seed
     python bench/loso.py --holdout pbc --model runs/realistic/best.pt --out loso/pbc-in-bank   # a model that saw them
     python bench/loso.py --holdout tecom --model loso/tecom/run/best.pt --scale 1 --balance --out loso/tecom-bal
     python bench/loso.py --holdout pbc --model loso/pbc/run/best.pt --tta --out loso/pbc-tta   # 8 views a tile
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true", help="average over flips and quarter turns when scoring (--tta)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (the scenes keep the recipe's): a second seed shows how far one run moves a row")
     ap.add_argument("--datasets", type=Path,
                     default=Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets")))
     args = ap.parse_args()
@@ -94,10 +97,11 @@ def main() -> None:
         print(f"train -> {run}", flush=True)
         summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
                                     steps_per_epoch=args.steps, milestones=(max(1, args.epochs - 2),), weight_power=0.5, dice_weight=0.5,
-                                    threads=2, augment=args.augment, stain_jitter=args.stain_jitter, progress=False))
+                                    threads=2, augment=args.augment, stain_jitter=args.stain_jitter, seed=args.seed,
+                                    progress=False))
         stain = args.stain_jitter
         model, recipe_name, augment, budget = run / "best.pt", recipe["name"], args.augment, \
-            {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8}
+            {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8, "seed": args.seed}
     else:
         t1 = t0
         summary, model = {}, args.model
