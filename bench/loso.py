@@ -70,6 +70,10 @@ def main() -> None:
     ap.add_argument("--augment", default="full")
     ap.add_argument("--stain-jitter", type=float, default=AUGMENT_DEFAULTS.stain_alpha,
                     help="HED stain range of the augmentation (0.2: strong)")
+    ap.add_argument("--hue-jitter", type=float, default=AUGMENT_DEFAULTS.hue,
+                    help="degrees of the augmentation's whole-sample hue turn (--hue-jitter)")
+    ap.add_argument("--hue-share", type=float, default=AUGMENT_DEFAULTS.p_hue,
+                    help="share of training samples that get the hue turn (--hue-share)")
     ap.add_argument("--scale", default="auto",
                     help="the crops' scale: auto (from their red cells) or a factor to 40x; Tecom's crops show no red "
                          "cells to measure, so give 1 (its cells are imaged at about the scenes' size)")
@@ -98,8 +102,8 @@ def main() -> None:
         summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
                                     steps_per_epoch=args.steps, milestones=(max(1, args.epochs - 2),), weight_power=0.5, dice_weight=0.5,
                                     threads=2, augment=args.augment, stain_jitter=args.stain_jitter, seed=args.seed,
-                                    progress=False))
-        stain = args.stain_jitter
+                                    hue_jitter=args.hue_jitter, hue_share=args.hue_share, progress=False))
+        stain, hue = args.stain_jitter, [args.hue_jitter, args.hue_share]
         model, recipe_name, augment, budget = run / "best.pt", recipe["name"], args.augment, \
             {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch": 8, "seed": args.seed}
     else:
@@ -108,6 +112,7 @@ def main() -> None:
         cfg = (load_checkpoint(model).get("training") or {}).get("config") or {}
         recipe_name, augment, budget = f"(given model, data {cfg.get('data')})", cfg.get("augment"), None
         stain = cfg.get("stain_jitter", AUGMENT_DEFAULTS.stain_alpha)
+        hue = [cfg.get("hue_jitter", AUGMENT_DEFAULTS.hue), cfg.get("hue_share", AUGMENT_DEFAULTS.p_hue)]
         args.out.mkdir(parents=True, exist_ok=True)
     t2 = time.time()
     held = crops(args.datasets, args.holdout)
@@ -116,7 +121,7 @@ def main() -> None:
                          wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
                          out=args.out / "bccd-test", balance=args.balance, tta=args.tta)
     result = {"holdout": args.holdout, "source": source, "model": str(model), "left_out": args.model is None,
-              "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "budget": budget,
+              "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "hue_jitter_share": hue, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
               "best": summary.get("best"), "crops_scale": args.scale, "balance": args.balance, "tta": args.tta,
               "crops": typing,

@@ -189,6 +189,8 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads (default: torch's choice)"),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | geometric (random flips and quarter turns) | appearance (and stain, colour, blur, noise, JPEG, on the fly) | full (and scale jitter 0.7-1.4x; the default)"),
     stain_jitter: Optional[float] = typer.Option(None, "--stain-jitter", help="range of the HED stain scale and shift of appearance augmentation (default 0.05, 'light'; 0.2 'strong')"),
+    hue_jitter: Optional[float] = typer.Option(None, "--hue-jitter", help="range in degrees of the whole-sample hue turn of appearance augmentation (default 5)"),
+    hue_share: Optional[float] = typer.Option(None, "--hue-share", help="share of training samples that get the hue turn (default 0.3)"),
     instance: Optional[str] = typer.Option(None, "--instance", help="auto | distance | boundary | none: the output that separates touching cells (default auto: distance when the scenes have instance maps)"),
     instance_weight: Optional[float] = typer.Option(None, "--instance-weight", help="weight of the instance output's loss (default 1)"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="hold the dataset in memory (default: when a split fits in 4 GB or a quarter of the RAM)"),
@@ -206,7 +208,7 @@ def train_cmd(
              "model_options": parse_model_options(option) if option else None, "seed": seed,
              "precision": precision, "device": device, "steps_per_epoch": steps_per_epoch,
              "max_minutes": max_minutes, "workers": workers, "threads": threads, "augment": augment,
-             "stain_jitter": stain_jitter, "instance": instance, "instance_weight": instance_weight,
+             "stain_jitter": stain_jitter, "hue_jitter": hue_jitter, "hue_share": hue_share, "instance": instance, "instance_weight": instance_weight,
              "cache": cache, "progress": progress}
     if resume is not None:
         config = resume_config(resume, out=out, **given)

@@ -116,7 +116,9 @@ def _augmentation(cfg: Mapping[str, Any]) -> str:
              "full": "flips and quarter turns; scale 0.7-1.4x; stain, colour, blur, noise and JPEG on the fly"}
     text = words.get(str(level), str(level))
     if level in ("appearance", "full"):
-        text += f" (HED stain range {cfg.get('stain_jitter', AUGMENT_DEFAULTS.stain_alpha):g})"
+        text += (f" (HED stain range {cfg.get('stain_jitter', AUGMENT_DEFAULTS.stain_alpha):g}; hue turn up to "
+                 f"{cfg.get('hue_jitter', AUGMENT_DEFAULTS.hue):g} degrees in "
+                 f"{100 * cfg.get('hue_share', AUGMENT_DEFAULTS.p_hue):.0f}% of samples)")
     return text
 
 

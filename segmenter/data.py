@@ -129,7 +129,8 @@ class SegmentationDataset(Dataset):
     def __init__(self, root: str | Path, split: str, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, augment: bool | str = False, seed: int = 0,
                  cache: bool | None = None, cache_limit_gb: float | None = None, instance: str | None = None,
-                 stain_jitter: float | None = None) -> None:
+                 stain_jitter: float | None = None, hue_jitter: float | None = None,
+                 hue_share: float | None = None) -> None:
         self.root = Path(root)
         self.info = DatasetInfo.read(self.root)
         self.split = split
@@ -138,9 +139,15 @@ class SegmentationDataset(Dataset):
         self.std = tuple(std) if std is not None else self.info.std
         self.augment, self.seed, self.epoch = augment_level(augment), seed, 0
         self.instance = instance
-        # the HED stain range of the appearance chain (None: AUGMENT_DEFAULTS' light range)
-        self.augment_config = (AUGMENT_DEFAULTS if stain_jitter is None else
-                               replace(AUGMENT_DEFAULTS, stain_alpha=stain_jitter, stain_beta=stain_jitter))
+        # the HED stain range, the hue range and the hue's share of the appearance chain (None: AUGMENT_DEFAULTS)
+        changes: dict[str, float] = {}
+        if stain_jitter is not None:
+            changes.update(stain_alpha=stain_jitter, stain_beta=stain_jitter)
+        if hue_jitter is not None:
+            changes["hue"] = hue_jitter
+        if hue_share is not None:
+            changes["p_hue"] = hue_share
+        self.augment_config = replace(AUGMENT_DEFAULTS, **changes) if changes else AUGMENT_DEFAULTS
         if instance is not None and not self.info.has_instances:
             raise BloodcellsError(f"{self.info.path}: the scenes have no instance maps (composed by an older version); "
                                   "re-compose the dataset, or train with --instance none")

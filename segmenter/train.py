@@ -65,6 +65,8 @@ class TrainConfig:
     tie_weights: tuple[str, ...] = ()  # classes sharing one class weight (e.g. the two red-cell classes)
     augment: str = "full"  # none | geometric (flips, quarter turns) | appearance | full (and scale jitter)
     stain_jitter: float = AUGMENT_DEFAULTS.stain_alpha  # HED stain scale and shift range of appearance augmentation
+    hue_jitter: float = AUGMENT_DEFAULTS.hue  # whole-sample hue turn range of appearance augmentation, in degrees
+    hue_share: float = AUGMENT_DEFAULTS.p_hue  # share of training samples that get the hue turn
     instance: str | None = "auto"  # auto (distance when the scenes have instance maps) | distance | boundary | none
     instance_weight: float = 1.0  # weight of the instance output's loss beside the class loss
     seed: int = 0
@@ -128,6 +130,12 @@ class TrainConfig:
         if not 0 <= self.stain_jitter < 1:
             raise BloodcellsError(f"--stain-jitter must be at least 0 and below 1 (0.05 light, 0.2 strong); "
                                   f"got {self.stain_jitter}")
+        if not 0 <= self.hue_jitter <= 180:
+            raise BloodcellsError(f"--hue-jitter must be degrees in 0..180 (default {AUGMENT_DEFAULTS.hue:g}); "
+                                  f"got {self.hue_jitter}")
+        if not 0 <= self.hue_share <= 1:
+            raise BloodcellsError(f"--hue-share must be a share in 0..1 (default {AUGMENT_DEFAULTS.p_hue:g}); "
+                                  f"got {self.hue_share}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise BloodcellsError(f"--steps-per-epoch must be >= 1; got {self.steps_per_epoch}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -302,7 +310,8 @@ class _Run:
                                   if cfg.class_weights else None)
         self.train_set = SegmentationDataset(cfg.data, "train", self.mean, self.std,  # type: ignore[arg-type]
                                              augment=cfg.augment, seed=cfg.seed, cache=cfg.cache,
-                                             instance=cfg.instance, stain_jitter=cfg.stain_jitter)
+                                             instance=cfg.instance, stain_jitter=cfg.stain_jitter,
+                                             hue_jitter=cfg.hue_jitter, hue_share=cfg.hue_share)
         self.val_set = SegmentationDataset(cfg.data, cfg.val_split, self.mean, self.std,  # type: ignore[arg-type]
                                            cache=cfg.cache, instance=cfg.instance)
         if payload is None:

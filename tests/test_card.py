@@ -62,7 +62,7 @@ def test_card_written_with_each_checkpoint(run, scenes):
     assert f"| builtin | {n_builtin} | MIT (procedural sprites drawn by this project) |" in text
     assert "+ 0.5 x soft Dice" in text and "| epochs | 1 of 1 |" in text
     assert ("| augmentation | flips and quarter turns; scale 0.7-1.4x; stain, colour, blur, noise and JPEG on the fly "
-            "(HED stain range 0.05) |") in text  # the default, --augment full
+            "(HED stain range 0.05; hue turn up to 5 degrees in 30% of samples) |") in text  # the default, --augment full
     b = summary["best"]
     assert f"Epoch 1: pixel accuracy {b['pixel_accuracy']:.3f}, mIoU {b['miou']:.3f}" in text
     assert "Not evaluated yet: `cli evaluate --model best.pt" in text and "Not evaluated yet: `cli evaluate-real" in text

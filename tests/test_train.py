@@ -514,3 +514,49 @@ def test_stain_jitter_sets_the_hed_range_and_is_recorded(tmp_path) -> None:
     assert load_checkpoint(tmp_path / "run" / "last.pt")["training"]["config"]["stain_jitter"] == 0.2
     with pytest.raises(BloodcellsError, match="stain_jitter"):
         train(resume_config(tmp_path / "run", epochs=2, stain_jitter=0.05))
+
+
+def test_hue_jitter_and_share_set_the_hue_turn_and_are_recorded(tmp_path) -> None:
+    """--hue-jitter and --hue-share set the range and the share of samples of the whole-sample hue turn: with
+    share 1 every sample's chroma turns (luma and labels kept), with share 0 none does; both are checked on the
+    command line and are part of the run's settings (a resume with another value is refused)."""
+    from bloodcells.cli import app
+    from bloodcells.composer.dataset import compose, sprite_pools
+    from bloodcells.composer.recipe import load_recipe
+    from bloodcells.segmenter import augment as A
+
+    r = load_recipe("tiny", {"scenes": {"train": 8, "val": 4, "test": 0}})
+    pools, info = sprite_pools(None, r)
+    compose(r, pools, tmp_path / "d", info, workers=1, progress=False)
+    default = SegmentationDataset(tmp_path / "d", "train", augment="appearance", seed=3, cache=True)
+    assert (default.augment_config.hue, default.augment_config.p_hue) == (A.AUGMENT_DEFAULTS.hue,
+                                                                          A.AUGMENT_DEFAULTS.p_hue)
+    wide = SegmentationDataset(tmp_path / "d", "train", augment="appearance", seed=3, cache=True,
+                               hue_jitter=40, hue_share=1.0)
+    assert (wide.augment_config.hue, wide.augment_config.p_hue) == (40, 1.0)
+    # the configured chain, every other step switched off, turns every sample by up to 40 degrees
+    only_hue = dataclasses.replace(wide.augment_config, stain_alpha=0, stain_beta=0, p_brightness_contrast=0,
+                                   p_gamma=0, p_saturation=0, p_blur_sharpen=0, p_noise=0, p_jpeg=0)
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[:] = (200, 120, 160)  # a violet stained pixel
+    angles = []
+    for seed in range(20):
+        out = A.appearance(img, np.random.default_rng(seed), config=only_hue)
+        yiq = A._RGB_TO_YIQ @ out[0, 0].astype(float), A._RGB_TO_YIQ @ img[0, 0].astype(float)
+        assert abs(yiq[0][0] - yiq[1][0]) < 1.5  # luma kept
+        angles.append(math.degrees(math.atan2(yiq[0][2], yiq[0][1]) - math.atan2(yiq[1][2], yiq[1][1])))
+    assert max(abs(a) for a in angles) <= 41 and max(abs(a) for a in angles) > 20 and min(abs(a) for a in angles) > 0
+    none = dataclasses.replace(only_hue, p_hue=0.0)
+    assert np.array_equal(A.appearance(img, np.random.default_rng(0), config=none), img)
+    with pytest.raises(BloodcellsError, match="--hue-jitter"):
+        small(tmp_path / "d", tmp_path / "bad", hue_jitter=200).check()
+    with pytest.raises(BloodcellsError, match="--hue-share"):
+        small(tmp_path / "d", tmp_path / "bad", hue_share=1.5).check()
+    res = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "bad"),
+                                   "--hue-share", "2"])
+    assert isinstance(res.exception, BloodcellsError) and "--hue-share" in str(res.exception)  # one line at main()
+    train(small(tmp_path / "d", tmp_path / "run", epochs=1, augment="full", hue_jitter=30, hue_share=0.8))
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["training"]["config"]
+    assert (saved["hue_jitter"], saved["hue_share"]) == (30, 0.8)
+    with pytest.raises(BloodcellsError, match="hue_share"):
+        train(resume_config(tmp_path / "run", epochs=2, hue_share=0.3))
