@@ -251,3 +251,31 @@ def test_red_cells_are_called_infected_only_when_the_model_is_sure():
     assert by_x(find_cells(probs, aux, "distance", {}, area, infected=0)[0]) == [inf, inf, RBC]
     assert by_x(components(label, probs=probs, infected=0.6)) == [inf, RBC, RBC]
     assert by_x(decode(probs, aux, "distance", infected=0.5)) == [inf, inf, RBC]
+
+
+def test_a_seed_without_a_high_enough_peak_does_not_split_a_cell():
+    """SEED_H: a cell whose predicted distance map has a second, shallow core above the seed threshold (a bump
+    0.17 above the pass to the main peak) is one cell, while two touching cells, each with its own full peak, stay
+    two; with h = 0 every core above the threshold seeds a cell of its own."""
+    from bloodcells.segmenter.instances import SEED_H
+
+    label, inst = two_touching_discs()
+    aux = distance_target(inst)
+    yy, xx = np.mgrid[:64, :96]
+    lobed = np.zeros((64, 96), np.int32)
+    cv2.ellipse(lobed, (48, 54), (30, 8), 0, 0, 360, 1, -1)  # an elongated cell below the discs
+    # along its axis: the main peak 1.0 at x = 35, a pass of 0.45 at x = 52, a second core of 0.62 at x = 60
+    profile = np.interp(xx, [18, 35, 52, 60, 78], [0.05, 1.0, 0.45, 0.62, 0.05])
+    aux = np.where(lobed > 0, profile * (1 - np.abs(yy - 54) / 9.0), aux).astype(np.float32)
+    assert aux[54, 60] > 0.5 and aux[54, 52] < 0.5  # the shallow core lies apart from the main one
+    cv2.circle(lobed, (87, 54), 8, 2, -1)  # and a round cell touching its tip, with a full peak of its own
+    aux = np.where(lobed == 2, distance_target((lobed == 2).astype(np.int32)), aux).astype(np.float32)
+    label = np.where(lobed > 0, RBC, label).astype(np.uint8)
+    assert SEED_H["distance"] == 0.2
+    cells = decode(one_hot(label), aux, "distance")
+    split = decode(one_hot(label), aux, "distance", h=0.0)
+    rbc = lambda c: int((c.classes == RBC).sum())
+    assert rbc(cells) == 4 and rbc(split) == 5
+    assert len(np.unique(cells.instances[lobed == 1])) == 1  # the shallow core's side is flooded from the main one
+    # the two touching discs are still told apart (their peaks stand 1.0 above the valley where they meet)
+    assert len(np.unique(cells.instances[inst == 1])) == 1 and cells.instances[32, 30] != cells.instances[32, 54]
