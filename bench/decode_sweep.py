@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bloodcells.classes import GROUPS, NAMES  # noqa: E402
+from bloodcells.errors import BloodcellsError  # noqa: E402
 from bloodcells.formats import read_json, scene_paths  # noqa: E402
 from bloodcells.segmenter.checkpoint import load_model  # noqa: E402
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas  # noqa: E402
 from bloodcells.segmenter.data import SegmentationDataset, read_instances  # noqa: E402
 from bloodcells.segmenter.instance_metrics import InstanceScorer  # noqa: E402
-from bloodcells.segmenter.instances import (GROUP_OF, MIN_CONFIDENCE, SURE_INFECTED, _finish, _per_group,  # noqa: E402
-                                            flood, merge_pieces)
+from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
 from bloodcells.segmenter.runtime import make_runtime  # noqa: E402
 
 HEALTHY, INFECTED = NAMES.index("healthy_rbc"), NAMES.index("infected_rbc")
@@ -41,16 +41,6 @@ HEALTHY, INFECTED = NAMES.index("healthy_rbc"), NAMES.index("infected_rbc")
 
 def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
-
-
-def decode_at(probs: np.ndarray, aux: np.ndarray, min_area, areas, seed: float, merge: float, h: float = 0.0):
-    """`instances.decode` of a distance map with the seed threshold, the seeds' least peak height (`SEED_H`) and the
-    joining limit given."""
-    labels = probs.argmax(axis=0).astype(np.uint8)
-    seeds, elevation = aux > seed, -aux
-    inst = _per_group(GROUP_OF[labels], lambda mask: flood(mask, seeds, elevation, h))
-    inst = merge_pieces(inst, labels, areas, limit=merge)
-    return _finish(inst, probs, labels, min_area, MIN_CONFIDENCE, SURE_INFECTED)
 
 
 def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) -> dict[str, float]:
@@ -75,6 +65,13 @@ def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) ->
 
 
 def main() -> None:
+    try:
+        sweep()
+    except BloodcellsError as e:  # a missing or wrong model or dataset: one line naming it
+        sys.exit(f"error: {e}")
+
+
+def sweep() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
@@ -117,7 +114,9 @@ def main() -> None:
     rows = []
     print("seed  merge  h    | cells per scene, abs. error / bias: RBC      WBC      platelet | PQ healthy / infected")
     for seed, merge, h in [(s, m, h) for s in args.seeds for m in args.merge_areas for h in [0.0, *args.h_maxima]]:
-        cells = [decode_at(probs.astype(np.float32), aux, min_area, areas, seed, merge, h) for probs, aux in preds]
+        cells = [decode(probs.astype(np.float32), aux, "distance", min_area, seed=seed, cell_area=areas,
+                        min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h, merge_area=merge)
+                 for probs, aux in preds]
         r = {"seed": seed, "merge_area": merge, "h_maxima": h, **score(truths, cells, min_area)}
         rows.append(r)
         print(f"{seed:.2f}  {merge:.2f}  {h:.2f} | {r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "

@@ -173,10 +173,10 @@ def _finish(inst: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
 def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int, float] | None = None,
            seed: float | None = None, labels: np.ndarray | None = None,
            cell_area: Mapping[int, float] | None = None, min_confidence: Mapping[int, float] | None = None,
-           infected: float | None = None, h: float | None = None) -> Cells:
+           infected: float | None = None, h: float | None = None, merge_area: float = MERGE_AREA) -> Cells:
     """Cells from class probabilities (C, H, W) and the predicted instance map (H, W) in [0, 1] (labels: their
     argmax, when the caller has it already). cell_area (px per class at the map's scale): join the pieces of one
-    cell the map split (`merge_pieces`); None leaves the watershed's objects as they are. min_confidence: per class,
+    cell the map split (`merge_pieces`, up to merge_area cells together); None leaves the watershed's objects as they are. min_confidence: per class,
     objects whose mean top probability is lower are dropped (`MIN_CONFIDENCE`). infected: the least share of a red
     cell's probability that calls it infected (`SURE_INFECTED`; None: by majority). h: where a part holds several
     seeds, keep those holding a peak of the map at least h high (`SEED_H`; 0: all; `flood`)."""
@@ -196,7 +196,7 @@ def decode(probs: np.ndarray, aux: np.ndarray, mode: str, min_area: Mapping[int,
 
     inst = _per_group(group, cells_of)
     if cell_area:
-        inst = merge_pieces(inst, labels, cell_area)
+        inst = merge_pieces(inst, labels, cell_area, limit=merge_area)
     return _finish(inst, probs, labels, min_area, min_confidence, infected)
 
 

@@ -193,6 +193,7 @@ def test_pieces_of_one_cell_are_joined_and_touching_cells_are_not():
     aux[:, 26:29] = 0.2  # a valley across the cell: the watershed cuts it in two
     assert len(decode(one_hot(label), aux, "distance")) == 2
     assert len(decode(one_hot(label), aux, "distance", cell_area=area)) == 1
+    assert len(decode(one_hot(label), aux, "distance", cell_area=area, merge_area=0.5)) == 2  # a tighter limit
 
 
 def test_unsure_platelets_are_dropped_and_sure_ones_kept():
