@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true", help="average over flips and quarter turns when scoring (--tta)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads for training (1 each when two runs share two cores)")
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed (the scenes keep the recipe's): a second seed shows how far one run moves a row")
     ap.add_argument("--datasets", type=Path,
@@ -101,7 +103,7 @@ def main() -> None:
         print(f"train -> {run}", flush=True)
         summary = train(TrainConfig(data=str(data), out=str(run), arch="unet", width=16, epochs=args.epochs,
                                     steps_per_epoch=args.steps, milestones=(max(1, args.epochs - 2),), weight_power=0.5, dice_weight=0.5,
-                                    threads=2, augment=args.augment, stain_jitter=args.stain_jitter, seed=args.seed,
+                                    threads=args.threads, augment=args.augment, stain_jitter=args.stain_jitter, seed=args.seed,
                                     hue_jitter=args.hue_jitter, hue_share=args.hue_share, progress=False))
         stain, hue = args.stain_jitter, [args.hue_jitter, args.hue_share]
         model, recipe_name, augment, budget = run / "best.pt", recipe["name"], args.augment, \
