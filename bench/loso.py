@@ -60,6 +60,14 @@ def crops(datasets: Path, holdout: str) -> list[tuple[Path, str]]:
     return [(it.path, it.cls) for it in items if it.skip is None and it.cls in GROUPS["wbc"]]
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the error into one usage line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bank", type=Path, help="sprite bank of all five real sources")
@@ -82,7 +90,7 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true", help="average over flips and quarter turns when scoring (--tta)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
-    ap.add_argument("--threads", type=int, default=2,
+    ap.add_argument("--threads", type=positive, default=2,
                     help="torch threads for training (1 each when two runs share two cores)")
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed (the scenes keep the recipe's): a second seed shows how far one run moves a row")
