@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,24 +24,42 @@ if "OPENCV_LOG_LEVEL" not in os.environ and hasattr(cv2, "utils") and hasattr(cv
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+# fd 2 is one per process: threads that decode at once (the training cache loads with a thread pool) share one
+# redirection, made by the first to enter and undone by the last to leave. Each thread saving and restoring its
+# own would let a thread "restore" the null device another thread had put there, silencing the process for good
+# (progress bars, warnings, error lines).
+_silence_lock = threading.Lock()
+_silence_depth = 0
+_silence_saved: int | None = None
+
+
 @contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """Send what C libraries print to stderr (libpng's "libpng error: ...", libjpeg's "Corrupt JPEG data") nowhere."""
-    if sys.stderr is not None:
-        sys.stderr.flush()  # what Python printed so far goes out first
+    global _silence_depth, _silence_saved
+    with _silence_lock:
+        if _silence_depth == 0:
+            if sys.stderr is not None:
+                sys.stderr.flush()  # what Python printed so far goes out first
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr to redirect
+                saved = None
+            if saved is not None:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            _silence_saved = saved
+        _silence_depth += 1
     try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to redirect
-        yield
-        return
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _silence_lock:
+            _silence_depth -= 1
+            if _silence_depth == 0 and _silence_saved is not None:
+                os.dup2(_silence_saved, 2)
+                os.close(_silence_saved)
+                _silence_saved = None
 
 
 def _decode(path: Path, flags: int) -> np.ndarray:
