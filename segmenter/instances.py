@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from skimage.morphology import reconstruction
 from skimage.segmentation import watershed
 
 from bloodcells.classes import CLASSES, NUM_CLASSES, index_of
@@ -219,12 +220,10 @@ def find_cells(probs: np.ndarray, aux: np.ndarray | None, mode: str | None, min_
     return components(labels, min_area, probs, sure, least), "area"
 
 
-def _hull_solidity(mask: np.ndarray) -> float:
-    """Pixel area over the area of the convex hull of a mask's pixels (as squares: the hull of their centres grown
-    by half a pixel all round)."""
-    pts = cv2.findNonZero(mask.astype(np.uint8))
-    hull = cv2.convexHull(pts)
-    return float(mask.sum()) / (cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2.0 + 1.0)
+def _solidity(area: float, hull: np.ndarray) -> float:
+    """Pixel area over the area of a convex hull of pixel centres grown by half a pixel all round (pixels as
+    squares)."""
+    return area / (cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2.0 + 1.0)
 
 
 def merge_pieces(inst: np.ndarray, labels: np.ndarray, cell_area: Mapping[int, float],
@@ -253,14 +252,23 @@ def merge_pieces(inst: np.ndarray, labels: np.ndarray, cell_area: Mapping[int, f
     root = np.arange(n + 1)
     area = np.concatenate([[0], areas]).astype(np.float64)
     biggest = np.arange(n + 1)  # the largest piece of each joined object, whose class names its size
-    members = {}
     boxes = [None, *ndimage.find_objects(inst, max_label=n)]
+
+    hulls: dict[int, np.ndarray] = {}  # convex hull (image coordinates) of each object tried so far
 
     def find(x: int) -> int:
         while root[x] != x:
             root[x] = root[root[x]]
             x = root[x]
         return x
+
+    def hull(r: int) -> np.ndarray:
+        # the hull of a joined object is the hull of its pieces' hulls, so no pixel is looked at twice
+        if r not in hulls:
+            ys, xs = boxes[r]
+            pts = cv2.findNonZero((inst[boxes[r]] == r).astype(np.uint8))
+            hulls[r] = cv2.convexHull(pts + np.array([xs.start, ys.start], np.int32))
+        return hulls[r]
 
     for i in np.argsort(-contact, kind="stable"):
         ra, rb = find(int(p[i, 0])), find(int(p[i, 1]))
@@ -271,16 +279,11 @@ def merge_pieces(inst: np.ndarray, labels: np.ndarray, cell_area: Mapping[int, f
         total = area[ra] + area[rb]
         if expected <= 0 or total > limit * expected:
             continue
-        ids = members.get(ra, [ra]) + members.get(rb, [rb])
-        ya, xa = boxes[ra]
-        yb, xb = boxes[rb]
-        sl = (slice(min(ya.start, yb.start), max(ya.stop, yb.stop)), slice(min(xa.start, xb.start), max(xa.stop, xb.stop)))
-        if _hull_solidity(np.isin(inst[sl], ids)) < solidity:
+        joined = cv2.convexHull(np.concatenate([hull(ra), hull(rb)]))
+        if _solidity(total, joined) < solidity:
             continue
         root[rb] = ra
-        members[ra] = ids
-        members.pop(rb, None)
-        area[ra], biggest[ra], boxes[ra] = total, big, sl
+        area[ra], biggest[ra], hulls[ra] = total, big, joined
     lut = np.array([find(k) for k in range(n + 1)], np.int32)
     return lut[inst]
 
@@ -336,21 +339,45 @@ def flood(mask: np.ndarray, seeds: np.ndarray, elevation: np.ndarray, h: float =
     return out, next_id - 1
 
 
-def _drop_shallow(marks: np.ndarray, height: np.ndarray, peak: np.ndarray, h: float) -> np.ndarray:
-    """Seeds (ids in marks, peak[id - 1] their highest value of height) without a peak h high: a seed whose peak p
-    is joined to a higher pixel by pixels all above p - h (an h-maximum's definition) is cleared from marks."""
+# Up to this many seeds in a part, each is asked on its own (a connected-components pass over the part each:
+# cheapest for the two or three cores of a folded cell); beyond it one reconstruction answers all at once.
+SHALLOW_EACH_MAX = 16
+
+
+def _drop_shallow(marks: np.ndarray, height: np.ndarray, peak: np.ndarray, h: float,
+                  each_max: int | None = None) -> np.ndarray:
+    """Seeds (ids in marks, peak[id - 1] their highest value of height; -inf outside the part) without a peak h
+    high: a seed whose peak p is joined to a higher pixel by pixels all above p - h (an h-maximum's definition) is
+    cleared from marks; the highest seeds are kept.
+
+    Many seeds (a weak model's or a strange smear's speckle: thousands in one part) are answered by one grey-level
+    reconstruction by dilation of height - h under height: at a seed's top pixel it rises above p - h exactly
+    when such a path exists (its value there is the best, over higher pixels y joined to the top, of
+    min(height(y) - h, the lowest pixel of the path)). Asking each seed on its own costs seeds x part area:
+    minutes a smear for such a model."""
     ids = np.unique(marks[marks > 0])
     tops = peak[ids - 1]
-    drop = []
-    for sid, p in zip(ids, tops):
-        if p >= tops.max():
-            continue
-        _, comp = cv2.connectedComponents((height > p - h).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        at = np.argmax(np.where(marks == sid, height, -np.inf))
-        joined = comp == comp.flat[at]
-        if (height[joined] > p).any():
-            drop.append(sid)
-    return np.where(np.isin(marks, drop), 0, marks) if drop else marks
+    if len(ids) < 2:
+        return marks
+    if len(ids) <= (SHALLOW_EACH_MAX if each_max is None else each_max):
+        drop = []
+        for sid, p in zip(ids, tops):
+            if p >= tops.max():
+                continue
+            _, comp = cv2.connectedComponents((height > p - h).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+            at = np.argmax(np.where(marks == sid, height, -np.inf))
+            joined = comp == comp.flat[at]
+            if (height[joined] > p).any():
+                drop.append(sid)
+        drop = np.array(drop, ids.dtype)
+    else:
+        inside = np.isfinite(height)
+        f = np.where(inside, height, height[inside].min() - 2 * h - 1).astype(np.float64)  # outside: below any pass
+        rec = reconstruction(f - h, f, method="dilation")
+        at = ndimage.maximum_position(f, marks, ids)
+        raised = np.array([rec[yx] > f[yx] - h for yx in at])
+        drop = ids[raised & (tops < tops.max())]
+    return np.where(np.isin(marks, drop), 0, marks) if len(drop) else marks
 
 
 def _per_group(group: np.ndarray, cells_of) -> np.ndarray:
