@@ -117,6 +117,14 @@ class Composer:
         self.prep = Prepared(recipe["look"]["soft_edge"], recipe["look"]["blend"])
         self._canvas: tuple[int, tuple[Canvas, np.ndarray]] | None = None
         self.plans = plan_split(recipe, split)
+        # objects.sources 'balanced': each class's sprites by source (sources in name order, so the draw is reproducible)
+        self._by_source: dict[str, list[list[Sprite]]] = {}
+        if recipe["objects"]["sources"] == "balanced":
+            for cls, pool in pools.items():
+                groups: dict[str, list[Sprite]] = {}
+                for s in pool:
+                    groups.setdefault(s.source, []).append(s)
+                self._by_source[cls] = [groups[k] for k in sorted(groups)]
 
     def canvas(self, plan: ScenePlan) -> tuple[Canvas, np.ndarray]:
         """The plan's RBC canvas (built once for all its windows) and its objects' boxes."""
@@ -177,6 +185,8 @@ class Composer:
         r, sizes, look = self.r, self.r["sizes"], self.r["look"]
         if cls != "platelet_clump":
             pool = self.pools[cls]
+            if cls in self._by_source:  # a source first, then one of its sprites
+                pool = self._by_source[cls][int(rng.integers(len(self._by_source[cls])))]
             s = pool[int(rng.integers(len(pool)))]
             return place_sprite(img, label, rng, self.prep, s, sizes, look, cx, cy, inst, inst_id)
         n = int(rng.integers(r["clumps"]["min"], r["clumps"]["max"] + 1))

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
         "coverage": "pairs",  # none | singles | pairs: each (type or pair) x background kind appears
         "count": [1, 3],  # further random objects per scene (inclusive range)
         "weights": {c: 1.0 for c in OBJECT_CLASSES},
+        # any: each sprite of a class equally likely | balanced: first a source of the class, then one of its sprites,
+        # so a source that gives many cells of one type (and few of another) does not make its look stand for that type
+        "sources": "any",
     },
     "sizes": {"jitter": 0.08, **{c: BY_NAME[c].diameter_40x for c in NAMES[1:]}},
     "clumps": {"min": 3, "max": 10},
@@ -75,7 +78,7 @@ SIGNED = {"canvas.overlap"}  # keys that may be negative
 AT_MOST_ONE = {"canvas.infected_share"}  # ranges of shares
 RANGE_OR_NUMBER = {"canvas.density", "canvas.overlap", "canvas.infected_share", *(f"sizes.{c}" for c in NAMES[1:])}  # a number or [low, high]
 CHOICES = {"look.blend": ("optical_density", "alpha"), "canvas.rbc_sources": ("any", "per_canvas"),
-           "objects.coverage": ("none", "singles", "pairs")}
+           "objects.coverage": ("none", "singles", "pairs"), "objects.sources": ("any", "balanced")}
 SHARES = {"look.backgrounds", "look.faint", "canvas.platelets_on_rbc"}  # 0..1
 
 

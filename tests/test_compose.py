@@ -18,7 +18,7 @@ import pytest
 from bloodcells.classes import NAMES, index_of
 from bloodcells.errors import BloodcellsError
 from bloodcells.composer.dataset import Composer, check_pools, compose, plan_split, required_combos, sprite_pools
-from bloodcells.composer.recipe import load_recipe, validate
+from bloodcells.composer.recipe import OBJECT_CLASSES, load_recipe, validate
 from bloodcells.composer.scene import Prepared, feather, paste, transform
 from bloodcells.composer.sprite import Sprite
 
@@ -497,6 +497,26 @@ def test_rbcs_of_a_canvas_come_from_one_source_per_canvas():
         assert rbc_sources == {ann["rbc_source"]}
         seen.setdefault(ann["kind"], set()).add(ann["rbc_source"])
     assert seen.get("infected", {"kaggle"}) == {"kaggle"}  # only kaggle has infected cells
+
+
+def test_balanced_sources_draw_each_source_of_a_class_equally():
+    """objects.sources balanced: a source with few cells of a type shows as often as one with many."""
+    shares = {}
+    for mode in ("any", "balanced"):
+        r = load_recipe("tiny", {**TINY, "objects": {"sources": mode, "coverage": "none", "count": [3, 3],
+                                                      "weights": {c: float(c == "neutrophil") for c in OBJECT_CLASSES}}})
+        pools, _ = sprite_pools(None, r)
+        neu = pools["train"]["neutrophil"]
+        pools["train"]["neutrophil"] = (
+            [Sprite(s.id + "-m", s.cls, s.rgba, s.diameter, s.split, "many", s.background) for s in neu * 4] +
+            [Sprite(s.id + "-f", s.cls, s.rgba, s.diameter, s.split, "few", s.background) for s in neu[:2]])
+        comp = Composer(r, "train", pools["train"])
+        got = [o["source"] for i in range(24) for o in comp.scene(i)[3]["objects"] if o["class"] == "neutrophil"]
+        assert len(got) >= 48, len(got)
+        shares[mode] = got.count("few") / len(got)
+    assert shares["any"] < 0.15 and 0.35 < shares["balanced"] < 0.65, shares
+    with pytest.raises(BloodcellsError, match="objects.sources"):
+        validate({"objects": {"sources": "even"}})
 
 
 def test_background_fields_from_real_smears_become_the_plasma(builtin):
