@@ -480,15 +480,18 @@ def test_platelets_lie_on_red_cells_when_asked(builtin):
         validate({"canvas": {"platelets_on_rbc": 1.5}})
 
 
+def _from_source(sprites, source: str) -> list[Sprite]:
+    """The same sprites, as if imported from another source."""
+    return [Sprite(f"{s.id}-{source}", s.cls, s.rgba, s.diameter, s.split, source, s.background) for s in sprites]
+
+
 def test_rbcs_of_a_canvas_come_from_one_source_per_canvas():
     """rbc_sources per_canvas: one source per canvas, so a source with both classes shows on healthy canvases too."""
     r = load_recipe("tiny", {**TINY, "canvas": {"rbc_sources": "per_canvas"}})
     pools, _ = sprite_pools(None, r)
     for cls in ("healthy_rbc", "infected_rbc"):  # two sources: one with both classes, one with healthy cells only
-        pools["train"][cls] = [Sprite(s.id + "-k", s.cls, s.rgba, s.diameter, s.split, "kaggle", s.background)
-                               for s in pools["train"][cls]]
-    pools["train"]["healthy_rbc"] += [Sprite(s.id + "-b", s.cls, s.rgba, s.diameter, s.split, "bccd", s.background)
-                                      for s in pools["train"]["healthy_rbc"]]
+        pools["train"][cls] = _from_source(pools["train"][cls], "kaggle")
+    pools["train"]["healthy_rbc"] += _from_source(pools["train"]["healthy_rbc"], "bccd")
     comp = Composer(r, "train", pools["train"])
     seen = {}
     for i in range(0, 24, 8):
@@ -507,9 +510,7 @@ def test_balanced_sources_draw_each_source_of_a_class_equally():
                                                       "weights": {c: float(c == "neutrophil") for c in OBJECT_CLASSES}}})
         pools, _ = sprite_pools(None, r)
         neu = pools["train"]["neutrophil"]
-        pools["train"]["neutrophil"] = (
-            [Sprite(s.id + "-m", s.cls, s.rgba, s.diameter, s.split, "many", s.background) for s in neu * 4] +
-            [Sprite(s.id + "-f", s.cls, s.rgba, s.diameter, s.split, "few", s.background) for s in neu[:2]])
+        pools["train"]["neutrophil"] = _from_source(neu * 4, "many") + _from_source(neu[:2], "few")
         comp = Composer(r, "train", pools["train"])
         got = [o["source"] for i in range(24) for o in comp.scene(i)[3]["objects"] if o["class"] == "neutrophil"]
         assert len(got) >= 48, len(got)
