@@ -424,8 +424,9 @@ def export_model_cmd(
 def adapt_cmd(
     model: Path = typer.Option(..., "--model", help="a trained checkpoint, e.g. runs/unet/best.pt"),
     images: List[str] = typer.Option(..., "--images", help="your unlabeled smears: files, folders or glob patterns; repeatable"),
-    data: Path = typer.Option(..., "--data", help="composed dataset mixed in so that nothing learned is forgotten (e.g. the model's own)"),
-    out: Path = typer.Option(..., "--out", help="run folder: pseudo-labels per round, last.pt, adapted.pt"),
+    data: Optional[Path] = typer.Option(None, "--data", help="self-training: composed dataset mixed in so that nothing learned is forgotten (e.g. the model's own)"),
+    out: Path = typer.Option(..., "--out", help="run folder: adapt.json, adapted.pt (self-training: also pseudo-labels per round, last.pt)"),
+    method: str = typer.Option("self-training", "--method", help="self-training (pseudo-labels, fine-tuning) | stats (re-estimate batch-norm statistics on your images only; seconds, no --data)"),
     rounds: int = typer.Option(3, "--rounds", callback=at_least(1), help="label, then fine-tune; this many times"),
     steps: int = typer.Option(300, "--steps", callback=at_least(1), help="optimiser steps per round"),
     batch: int = typer.Option(8, "--batch", callback=at_least(2), help="half windows of your images, half composed scenes"),
@@ -441,13 +442,18 @@ def adapt_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", callback=at_least(1), help="torch intra-op threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Fine-tune a model on your own unlabeled smears with refreshed pseudo-labels (resumes if interrupted)."""
+    """Adapt a model to your own unlabeled smears: self-training with refreshed pseudo-labels (resumes if
+    interrupted), or its batch-norm statistics re-estimated on them (--method stats)."""
     from bloodcells.segmenter.adapt import AdaptConfig, adapt
 
-    s = adapt(AdaptConfig(model=str(model), images=list(images), data=str(data), out=str(out), rounds=rounds,
+    s = adapt(AdaptConfig(model=str(model), images=list(images), data=None if data is None else str(data), out=str(out),
+                          method=method, rounds=rounds,
                           steps=steps, batch=batch, lr=lr, keep=keep, scale=scale, tta=tta, augment=augment,
                           absent=absent,
                           seed=seed, precision=precision, device=device, threads=threads, progress=progress))
+    if s.get("method") == "stats":
+        typer.echo(f"batch-norm statistics of {s['images']} images ({s['tiles']} tiles) -> {s['adapted']}")
+        return
     for row in s["log"]:
         typer.echo(f"round {row['round']}: {100 * row['pixels_kept']:.0f}% of the pixels pseudo-labelled")
     typer.echo(f"adapted on {s['images']} images in {s['rounds']} rounds -> {s['adapted']}")

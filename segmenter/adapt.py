@@ -1,6 +1,16 @@
-"""Self-training on a user's own unlabeled smears: `cli adapt`.
+"""Adapting a trained model to a user's own unlabeled smears: `cli adapt`.
 
-A trained model is fine-tuned on the user's images with pseudo-labels, mixed with composed scenes so that
+Two methods (`method`):
+
+`stats` re-estimates the model's batch-normalisation statistics on the user's images and changes nothing else
+(AdaBN, Li et al. 2016): every image is resized to model scale and cut into the tiles prediction uses, the tiles are
+shuffled (seeded) into batches of even size and run through the model in training mode once, and each batch-norm
+layer's running mean and variance become the average over those batches (`torch.optim.swa_utils.update_bn`). A
+lab's stain and optics shift the features' statistics layer by layer; with the statistics of its own smears the
+layers see features normalised as they were in training. No labels, no composed scenes, no optimiser: seconds to a
+minute, and the result is the same for the same images and seed.
+
+`self-training` (the default): a trained model is fine-tuned on the user's images with pseudo-labels, mixed with composed scenes so that
 nothing it learned is forgotten. Each round:
 1. every image is predicted at model scale (its `--scale`, or the RBC-size estimate), averaged over flips and
    quarter turns (test-time augmentation); a pixel becomes a pseudo-label when its class probability is among
@@ -34,7 +44,8 @@ from bloodcells.formats import json_safe, read_json, write_json
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic
 from bloodcells.segmenter.checkpoint import load_checkpoint, save_checkpoint
 from bloodcells.segmenter.data import SegmentationDataset
-from bloodcells.segmenter.infer import auto_scale, drop_classes, parse_absent, parse_scale, predict_logits, resize_image
+from bloodcells.segmenter.infer import (auto_scale, drop_classes, pad_to_tile, parse_absent, parse_scale, predict_logits,
+                                        resize_image, tile_starts)
 from bloodcells.segmenter.losses import CombinedLoss, SegmentationObjective
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import expand_inputs, file_digest, output_stems
@@ -42,6 +53,9 @@ from bloodcells.segmenter.runtime import make_runtime
 
 IGNORE = 255
 WINDOW = 224
+METHODS = ("self-training", "stats")
+# settings that only self-training reads: a stats run records none of them
+SELF_TRAINING_ONLY = ("data", "rounds", "steps", "batch", "lr", "keep", "tta", "absent", "augment", "precision")
 
 
 @dataclass
@@ -50,8 +64,9 @@ class AdaptConfig:
 
     model: str
     images: list[str]
-    data: str
+    data: str | None
     out: str
+    method: str = "self-training"  # or "stats": re-estimate batch-norm statistics on the images only
     rounds: int = 3
     steps: int = 300  # optimiser steps per round
     batch: int = 8  # half windows of the user's images, half composed scenes
@@ -73,6 +88,11 @@ class AdaptConfig:
 
     def check(self) -> None:
         """Reject values that cannot work, naming the flag."""
+        if self.method not in METHODS:
+            raise BloodcellsError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.method == "self-training" and not self.data:
+            raise BloodcellsError("--data is needed for --method self-training (composed scenes mixed in so that "
+                                  "nothing learned is forgotten, e.g. the model's own); --method stats needs none")
         self.absent = tuple(NAMES[c] for c in parse_absent(self.absent))
         for name in ("rounds", "steps", "batch", "save_every"):
             if getattr(self, name) < 1:
@@ -131,11 +151,70 @@ def _settings(cfg: AdaptConfig) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AdaptConfig.RESULT_ONLY}
     if not d.get("absent"):  # runs recorded before the option existed continue unchanged
         d.pop("absent", None)
+    if cfg.method == "self-training":  # likewise runs recorded before there were methods
+        d.pop("method")
+    else:
+        for k in SELF_TRAINING_ONLY:
+            d.pop(k, None)
     return d
 
 
+def batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The model's batch-normalisation layers, in order."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate(model: torch.nn.Module, images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float],
+                tile: int = WINDOW, overlap: float = 0.25, batch: int = 8, seed: int = 0,
+                device: torch.device | str | None = None, progress: bool = False) -> int:
+    """Re-estimate every batch-norm layer's running statistics on uint8 RGB images already at model scale (AdaBN):
+    the tiles prediction would cut (plasma-padded, `overlap`), shuffled with `seed` into batches of even size
+    (at most `batch`), run once in training mode with cumulative averaging. The model ends in eval mode; returns
+    the number of tiles."""
+    if not batch_norms(model):
+        raise BloodcellsError("the model has no batch-normalisation layers: --method stats has nothing to adapt; "
+                              "use --method self-training")
+    padded = [pad_to_tile(im, tile) for im in images]
+    boxes = [(k, y, x) for k, p in enumerate(padded) for y in tile_starts(p.shape[0], tile, overlap)
+             for x in tile_starts(p.shape[1], tile, overlap)]
+    if not boxes:
+        raise BloodcellsError("no image tiles to adapt on")
+    order = np.random.default_rng(seed).permutation(len(boxes))
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    parts = np.array_split(order, -(-len(boxes) // batch))
+
+    def batches():
+        # even sizes: each batch counts once in the cumulative average, so none may be a small remainder
+        for part in tqdm(parts, desc="adapt statistics", unit="batch", disable=not progress, leave=False):
+            x = torch.stack([torch.from_numpy(np.ascontiguousarray(padded[k][y:y + tile, x0:x0 + tile]))
+                             for k, y, x0 in (boxes[int(j)] for j in part)])
+            yield (x.permute(0, 3, 1, 2).float() / 255.0 - m) / s
+
+    torch.optim.swa_utils.update_bn(batches(), model, device)
+    model.eval()
+    return len(boxes)
+
+
+def images_at_scale(paths: Sequence[Path], stems: Sequence[str], scale: str, record: Path) -> list[np.ndarray]:
+    """The images resized to 40x: `scale` a factor, or auto per image (estimated once, then kept in `record`'s
+    "factors", so a run continued later resizes each image the same way)."""
+    fixed = parse_scale(scale)
+    state = read_json(record)
+    factors = dict(state.get("factors") or {})
+    images = []
+    for stem, path in zip(stems, paths):
+        image = read_rgb(path)
+        if stem not in factors:
+            factors[stem] = fixed if fixed is not None else auto_scale(image)[0]
+        images.append(resize_image(image, factors[stem]))
+    write_json(record, {**state, "factors": factors})
+    return images
+
+
 def adapt(cfg: AdaptConfig) -> dict[str, Any]:
-    """Run (or continue) a self-training run; returns a summary (rounds, pseudo-label shares, paths)."""
+    """Run (or continue) an adaptation run; returns a summary (rounds, pseudo-label shares or tiles, paths)."""
     cfg.check()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -154,14 +233,39 @@ def adapt(cfg: AdaptConfig) -> dict[str, Any]:
                               "or delete that folder")
     if state is None and out.is_dir() and any(out.iterdir()):
         raise BloodcellsError(f"{out}: is not empty and holds no adaptation run; choose another --out")
-    write_json(record, {"settings": _settings(cfg), "done": False})
+    write_json(record, {**(state or {}), "settings": _settings(cfg), "done": False})
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        if cfg.method == "stats":
+            return _adapt_stats(cfg, payload, paths, out)
         return _Adapt(cfg, payload, paths, out).run()
     finally:
         torch.set_num_threads(threads)
+
+
+def _adapt_stats(cfg: AdaptConfig, payload: dict, paths: list[Path], out: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    device = make_runtime("fp32", cfg.device).device
+    model = create_model(**payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    model.to(device)
+    record = out / "adapt.json"
+    images = images_at_scale(paths, output_stems(paths), cfg.scale, record)
+    mean, std = payload["normalization"]["mean"], payload["normalization"]["std"]
+    tiles = recalibrate(model, images, mean, std, seed=cfg.seed, device=device, progress=cfg.progress)
+    meta = {k: v for k, v in (payload.get("meta") or {}).items()}
+    meta["adapted"] = {"from": cfg.model, "method": "stats", "images": len(paths), "tiles": tiles,
+                       "layers": len(batch_norms(model)), "seed": cfg.seed}
+    final = out / "adapted.pt"
+    training = payload.get("training") or {}  # what a later self-training run reads (loss weights, settings)
+    kept = {k: training[k] for k in ("config", "class_weights") if k in training}
+    save_checkpoint(final, model, mean, std, json_safe(meta), kept or None)
+    log = [{"method": "stats", "tiles": tiles}]
+    write_json(record, {**read_json(record), "done": True, "log": log})
+    return {"out": str(out), "adapted": str(final), "method": "stats", "rounds": 0, "images": len(paths),
+            "tiles": tiles, "log": log, "seconds": round(time.monotonic() - t0, 1)}
 
 
 class _Adapt:
@@ -194,21 +298,10 @@ class _Adapt:
             CombinedLoss(1.0, float(tcfg.get("dice_weight", 0.5)), None if weights is None else torch.tensor(weights)),
             self.num_classes, self.instance, float(tcfg.get("instance_weight", 1.0))).to(self.rt.device)
         self.stems = output_stems(paths)
-        self.factors: dict[str, float] = {}
 
     def images_at_model_scale(self) -> list[np.ndarray]:
         """The user's images resized to 40x (factors estimated once, then kept in adapt.json)."""
-        fixed = parse_scale(self.cfg.scale)
-        record = read_json(self.out / "adapt.json")
-        self.factors = dict(record.get("factors") or {})
-        images = []
-        for stem, path in zip(self.stems, self.paths):
-            image = read_rgb(path)
-            if stem not in self.factors:
-                self.factors[stem] = fixed if fixed is not None else auto_scale(image)[0]
-            images.append(resize_image(image, self.factors[stem]))
-        write_json(self.out / "adapt.json", {**record, "factors": self.factors})
-        return images
+        return images_at_scale(self.paths, self.stems, self.cfg.scale, self.out / "adapt.json")
 
     def label_round(self, r: int, images: list[np.ndarray]) -> list[np.ndarray]:
         """This round's pseudo-labels: read back when written before, else predicted and written."""

@@ -147,6 +147,21 @@ def _training_section(meta: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[s
     return ["## Training", "", *_table(rows)]
 
 
+def _adapted_section(meta: Mapping[str, Any]) -> list[str]:
+    a = meta.get("adapted")
+    if not a:
+        return []
+    if a.get("method") == "stats":
+        how = (f"batch-norm statistics of its {a.get('layers', '-')} layers re-estimated on {a.get('images', '-')} "
+               f"unlabeled images ({a.get('tiles', '-')} tiles, seed {a.get('seed', '-')}); weights unchanged "
+               "(`cli adapt --method stats`)")
+    else:
+        how = (f"self-training on {a.get('images', '-')} unlabeled images, {a.get('rounds', '-')} round(s) of "
+               "pseudo-labels and fine-tuning (`cli adapt`)")
+    return ["## Adapted", "", f"From `{a.get('from', '-')}`: {how}. The validation and training numbers above are "
+            "those of the model it was adapted from."]
+
+
 def _validation_section(meta: Mapping[str, Any]) -> list[str]:
     best = meta.get("best")
     if not best:
@@ -230,6 +245,8 @@ def render_card(name: str, payload: Mapping[str, Any], parameters: int | None = 
              *_data_section(meta), ""]
     train_lines = _training_section(meta, training.get("config") or {})
     lines += [*train_lines, ""] if train_lines else []
+    adapted = _adapted_section(meta)
+    lines += [*adapted, ""] if adapted else []
     lines += [*_validation_section(meta), "",
               *_synthetic_section([e for e in evals if e.get("kind") == SYNTHETIC], name), "",
               *_real_section([e for e in evals if e.get("kind") == REAL], name), "",

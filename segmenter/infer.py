@@ -54,7 +54,7 @@ def plasma_colour(image: np.ndarray) -> np.ndarray:
     return np.median(f[light >= np.percentile(light, 85)], axis=0)
 
 
-def _pad_to(image: np.ndarray, tile: int) -> np.ndarray:
+def pad_to_tile(image: np.ndarray, tile: int) -> np.ndarray:
     """Pad the bottom and right edges with the smear's plasma colour so that both sides are at least `tile`.
 
     Plasma, not a mirror image: mirrored, a cell cut by the edge becomes a doubled cell no training scene
@@ -138,7 +138,7 @@ def predict_logits(model: nn.Module, meta: Mapping[str, Any], image: np.ndarray,
     model = rt.model(model) if channels_last else model
     num_classes = int(meta.get("config", {}).get("num_classes", NUM_CLASSES))
     h, w = image.shape[:2]
-    padded = _pad_to(image, tile)
+    padded = pad_to_tile(image, tile)
     ph, pw = padded.shape[:2]
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"], dtype=torch.float32).view(1, 3, 1, 1)

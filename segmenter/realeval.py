@@ -259,11 +259,17 @@ def evaluate_crops(model_path: str | Path, items: Sequence[tuple[Path, str]], sc
         pairs.append((truth, "none" if k is None else NAMES[int(pred.cells.classes[k])]))
     if not pairs:
         raise BloodcellsError("no crop could be evaluated: " + "; ".join(failed[:3]))
+    return {"model": str(model_path), **crop_summary(pairs), "failed": failed, "balance": balance}
+
+
+def crop_summary(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Typing scores of (true class, predicted class or 'none') pairs: overall and per class, the share found, the
+    confusion, and the pairs themselves (so that scores of several parts of a set can be joined)."""
     per_class = {}
     for c in sorted({t for t, _ in pairs}, key=NAMES.index):
         got = [p for t, p in pairs if t == c]
         per_class[c] = {"n": len(got), "accuracy": sum(p == c for p in got) / len(got)}
-    return {"model": str(model_path), "images": len(pairs), "failed": failed, "balance": balance,
-            "accuracy": sum(t == p for t, p in pairs) / len(pairs), "per_class": per_class,
+    return {"images": len(pairs), "accuracy": sum(t == p for t, p in pairs) / len(pairs), "per_class": per_class,
             "found": sum(p != "none" for _, p in pairs) / len(pairs),
-            "confusion": dict(sorted(Counter(f"{t}->{p}" for t, p in pairs).items()))}
+            "confusion": dict(sorted(Counter(f"{t}->{p}" for t, p in pairs).items())),
+            "pairs": [list(p) for p in pairs]}

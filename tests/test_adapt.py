@@ -68,6 +68,7 @@ def test_adapt_runs_writes_pseudo_labels_and_a_checkpoint(setting):
     model, meta = load_model(out / "adapted.pt")
     before, _ = load_model(setting / "run" / "best.pt")
     assert meta["config"] == before.config and meta["adapted"]["rounds"] == 2
+    assert "self-training on 4 unlabeled images, 2 round(s)" in (out / "adapted.md").read_text()
     assert state_digest(model) != state_digest(before)  # it learned something
 
 
@@ -125,3 +126,71 @@ def test_out_folder_with_another_run_is_refused(setting):
     with pytest.raises(BloodcellsError, match="keep"):
         adapt(config(setting, "a3", keep=0.0))
     torch.set_num_threads(1)
+
+
+def test_recalibrate_takes_the_images_own_statistics():
+    """AdaBN: each batch-norm layer's running mean and variance become those of its input over the images' tiles."""
+    from bloodcells.segmenter.adapt import batch_norms, recalibrate
+    from bloodcells.segmenter.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", width=4).eval()
+    first = batch_norms(model)[0]
+    seen = []
+    hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    rng = np.random.default_rng(1)
+    images = [np.clip(rng.normal(120 + 40 * k, 25, (224, 448, 3)), 0, 255).astype(np.uint8) for k in range(2)]
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    tiles = recalibrate(model, images, mean, std, batch=2, seed=0)  # 2 x 3 tiles (overlap 0.25), 3 batches of 2
+    hook.remove()
+    assert tiles == 6 and not model.training and first.momentum == 0.1
+    x = torch.cat(seen)  # the first layer's inputs, whatever the other layers do
+    assert x.shape[0] == 6
+    assert torch.allclose(first.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    per_batch = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in seen])
+    assert torch.allclose(first.running_var, per_batch.mean(0), rtol=1e-4)
+    # the same images and seed give the same statistics; another seed batches the tiles otherwise
+    again = create_model("unet", width=4)
+    again.load_state_dict(model.state_dict())
+    recalibrate(again, images, mean, std, batch=2, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_stats_adapts_only_the_normalisation(setting):
+    s = adapt(config(setting, "stats", method="stats", data=None))
+    assert s["method"] == "stats" and s["images"] == 4 and s["tiles"] == 4  # one plasma-padded tile each
+    model, meta = load_model(Path(s["adapted"]))
+    before, _ = load_model(setting / "run" / "best.pt")
+    a, b = before.state_dict(), model.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert meta["adapted"]["method"] == "stats" and meta["adapted"]["tiles"] == s["tiles"]
+    # the same command again gives the same model; another method into the folder is refused
+    assert state_digest(load_model(Path(adapt(config(setting, "stats", method="stats", data=None))["adapted"]))[0]) \
+        == state_digest(model)
+    with pytest.raises(BloodcellsError, match="other settings"):
+        adapt(config(setting, "stats"))
+    # self-training can start from it: the training settings it reads were kept
+    adapt(config(setting, "stats-then-st", model=s["adapted"], rounds=1, steps=1))
+
+
+def test_method_and_data_are_checked(setting):
+    with pytest.raises(BloodcellsError, match="--method"):
+        adapt(config(setting, "m1", method="tent"))
+    with pytest.raises(BloodcellsError, match="--data is needed"):
+        adapt(config(setting, "m2", data=None))
+
+
+def test_cli_adapt_stats_needs_no_composed_scenes(setting):
+    from typer.testing import CliRunner
+
+    from bloodcells.cli import app
+
+    r = CliRunner().invoke(app, ["adapt", "--model", str(setting / "run" / "best.pt"), "--images",
+                                 str(setting / "mine"), "--out", str(setting / "cli-stats"), "--method", "stats",
+                                 "--scale", "0.5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "batch-norm statistics of 4 images (4 tiles)" in r.output
+    assert (setting / "cli-stats" / "adapted.pt").is_file()
+    card = (setting / "cli-stats" / "adapted.md").read_text()
+    assert "## Adapted" in card and "batch-norm statistics" in card and "4 unlabeled images" in card

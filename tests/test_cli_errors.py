@@ -65,6 +65,13 @@ CASES = {
     "resume an empty last.pt": (["train", "--resume", "{root}/run/last.pt"], "run/last.pt: empty file"),
     "evaluate --out FILE": (["evaluate", "--model", "{empty_pt}", "--data", "{data}", "--out", "{file}"],
                             "is a file, not a folder"),
+    # adapt: the method and what it needs
+    "adapt --method unknown": (["adapt", "--model", "{empty_pt}", "--images", "{image}", "--out", "{root}/a",
+                                "--method", "tent"], "--method tent: choose one of self-training, stats"),
+    "adapt self-training without --data": (["adapt", "--model", "{empty_pt}", "--images", "{image}", "--out",
+                                            "{root}/a"], "--data is needed for --method self-training"),
+    "adapt --method stats, empty checkpoint": (["adapt", "--model", "{empty_pt}", "--images", "{image}", "--out",
+                                                "{root}/a", "--method", "stats"], "empty file (0 bytes)"),
 }
 
 

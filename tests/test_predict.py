@@ -768,16 +768,16 @@ def test_a_smear_without_cells_is_an_empty_table(tmp_path) -> None:
 def test_small_images_are_padded_with_their_plasma_not_a_mirror() -> None:
     """A smear smaller than a tile is padded with its plasma colour: mirrored, a cell cut by the edge would become
     a doubled cell that no training scene shows."""
-    from bloodcells.segmenter.infer import _pad_to, plasma_colour
+    from bloodcells.segmenter.infer import pad_to_tile, plasma_colour
 
     plasma = (230, 220, 210)
     img = np.full((100, 150, 3), plasma, np.uint8)
     cv2.circle(img, (140, 92), 20, (120, 60, 150), -1)  # a cell cut by the bottom-right corner
     assert np.array_equal(plasma_colour(img), plasma)
-    out = _pad_to(img, 224)
+    out = pad_to_tile(img, 224)
     assert out.shape == (224, 224, 3) and np.array_equal(out[:100, :150], img)
     assert (out[100:] == plasma).all() and (out[:, 150:] == plasma).all()
-    assert _pad_to(np.zeros((224, 300, 3), np.uint8), 224).shape == (224, 300, 3)  # large enough: as it is
+    assert pad_to_tile(np.zeros((224, 300, 3), np.uint8), 224).shape == (224, 300, 3)  # large enough: as it is
 
 
 def test_crop_typing_scores_the_centre_cell_and_passes_white_balance(tmp_path, monkeypatch) -> None:
