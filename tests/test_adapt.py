@@ -194,3 +194,30 @@ def test_cli_adapt_stats_needs_no_composed_scenes(setting):
     assert (setting / "cli-stats" / "adapted.pt").is_file()
     card = (setting / "cli-stats" / "adapted.md").read_text()
     assert "## Adapted" in card and "batch-norm statistics" in card and "4 unlabeled images" in card
+
+
+@pytest.mark.parametrize("arch", ["unet", "r2unet", "attention_unet", "unetpp", "resunet"])
+def test_every_architecture_with_batch_norm_takes_new_statistics(arch):
+    from bloodcells.segmenter.adapt import batch_norms, recalibrate
+    from bloodcells.segmenter.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, width=4, instance="distance").eval()
+    before = [bn.running_mean.clone() for bn in batch_norms(model)]
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert recalibrate(model, [image], [0.5] * 3, [0.25] * 3) == 1
+    assert all(not torch.equal(b, bn.running_mean) for b, bn in zip(before, batch_norms(model)))
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, 224, 224))
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    assert torch.isfinite(out).all()
+
+
+def test_an_architecture_without_batch_norm_is_named():
+    """TernausNet's VGG11 encoder and decoder have no batch norm: the stats method says so instead of doing nothing."""
+    from bloodcells.segmenter.adapt import recalibrate
+    from bloodcells.segmenter.models import create_model
+
+    image = np.zeros((224, 224, 3), np.uint8)
+    with pytest.raises(BloodcellsError, match="no batch-normalisation layers.*--method self-training"):
+        recalibrate(create_model("ternausnet", width=4), [image], [0.5] * 3, [0.25] * 3)
