@@ -427,6 +427,7 @@ def adapt_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="self-training: composed dataset mixed in so that nothing learned is forgotten (e.g. the model's own)"),
     out: Path = typer.Option(..., "--out", help="run folder: adapt.json, adapted.pt (self-training: also pseudo-labels per round, last.pt)"),
     method: str = typer.Option("self-training", "--method", help="self-training (pseudo-labels, fine-tuning) | stats (re-estimate batch-norm statistics on your images only; seconds, no --data)"),
+    source_share: float = typer.Option(0.0, "--source-share", help="stats: share of the training statistics kept, mixed with your images' (0: theirs alone; e.g. 0.5 for few images)"),
     rounds: int = typer.Option(3, "--rounds", callback=at_least(1), help="label, then fine-tune; this many times"),
     steps: int = typer.Option(300, "--steps", callback=at_least(1), help="optimiser steps per round"),
     batch: int = typer.Option(8, "--batch", callback=at_least(2), help="half windows of your images, half composed scenes"),
@@ -447,16 +448,17 @@ def adapt_cmd(
     from bloodcells.segmenter.adapt import AdaptConfig, adapt
 
     s = adapt(AdaptConfig(model=str(model), images=list(images), data=None if data is None else str(data), out=str(out),
-                          method=method, rounds=rounds,
+                          method=method, source_share=source_share, rounds=rounds,
                           steps=steps, batch=batch, lr=lr, keep=keep, scale=scale, tta=tta, augment=augment,
                           absent=absent,
                           seed=seed, precision=precision, device=device, threads=threads, progress=progress))
+    left = f"; {len(s['left_out'])} left out, their scale unknown" if s.get("left_out") else ""
     if s.get("method") == "stats":
-        typer.echo(f"batch-norm statistics of {s['images']} images ({s['tiles']} tiles) -> {s['adapted']}")
+        typer.echo(f"batch-norm statistics of {s['images']} images ({s['tiles']} tiles{left}) -> {s['adapted']}")
         return
     for row in s["log"]:
         typer.echo(f"round {row['round']}: {100 * row['pixels_kept']:.0f}% of the pixels pseudo-labelled")
-    typer.echo(f"adapted on {s['images']} images in {s['rounds']} rounds -> {s['adapted']}")
+    typer.echo(f"adapted on {s['images']} images in {s['rounds']} rounds{left} -> {s['adapted']}")
 
 
 @app.command("quickstart")

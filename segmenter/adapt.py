@@ -28,6 +28,7 @@ settings is refused. The result is `<out>/adapted.pt`, a checkpoint like any oth
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class AdaptConfig:
     data: str | None
     out: str
     method: str = "self-training"  # or "stats": re-estimate batch-norm statistics on the images only
+    source_share: float = 0.0  # stats: share of the training statistics kept in the mix (0: the images' own alone)
     rounds: int = 3
     steps: int = 300  # optimiser steps per round
     batch: int = 8  # half windows of the user's images, half composed scenes
@@ -103,6 +105,9 @@ class AdaptConfig:
             raise BloodcellsError(f"--keep {self.keep}: the share of pseudo-labelled pixels must be in (0, 1]")
         if not self.lr > 0:
             raise BloodcellsError(f"--lr must be > 0; got {self.lr}")
+        if not 0 <= self.source_share < 1:
+            raise BloodcellsError(f"--source-share {self.source_share}: the share of the training statistics kept "
+                                  "must be in [0, 1) (0: the images' own statistics alone)")
 
 
 def pseudo_labels(probs: list[np.ndarray], keep: float) -> tuple[list[np.ndarray], dict[str, float]]:
@@ -153,6 +158,7 @@ def _settings(cfg: AdaptConfig) -> dict[str, Any]:
         d.pop("absent", None)
     if cfg.method == "self-training":  # likewise runs recorded before there were methods
         d.pop("method")
+        d.pop("source_share")
     else:
         for k in SELF_TRAINING_ONLY:
             d.pop(k, None)
@@ -166,12 +172,15 @@ def batch_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Batc
 
 def recalibrate(model: torch.nn.Module, images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float],
                 tile: int = WINDOW, overlap: float = 0.25, batch: int = 8, seed: int = 0,
-                device: torch.device | str | None = None, progress: bool = False) -> int:
+                device: torch.device | str | None = None, progress: bool = False, source_share: float = 0.0) -> int:
     """Re-estimate every batch-norm layer's running statistics on uint8 RGB images already at model scale (AdaBN):
     the tiles prediction would cut (plasma-padded, `overlap`), shuffled with `seed` into batches of even size
-    (at most `batch`), run once in training mode with cumulative averaging. The model ends in eval mode; returns
-    the number of tiles."""
-    if not batch_norms(model):
+    (at most `batch`), run once in training mode with cumulative averaging. With `source_share` w > 0 each layer
+    keeps w of its training statistics: mean and variance become w * training + (1 - w) * images' (the prior of
+    Schneider et al. 2020, for images too few or too unlike the scenes to stand alone). The model ends in eval
+    mode; returns the number of tiles."""
+    layers = batch_norms(model)
+    if not layers:
         raise BloodcellsError("the model has no batch-normalisation layers: --method stats has nothing to adapt; "
                               "use --method self-training")
     padded = [pad_to_tile(im, tile) for im in images]
@@ -192,25 +201,53 @@ def recalibrate(model: torch.nn.Module, images: Sequence[np.ndarray], mean: Sequ
                              for k, y, x0 in (boxes[int(j)] for j in part)])
             yield (x.permute(0, 3, 1, 2).float() / 255.0 - m) / s
 
+    source = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in layers]
     torch.optim.swa_utils.update_bn(batches(), model, device)
+    if source_share > 0:
+        with torch.no_grad():
+            for bn, (mu, var) in zip(layers, source):
+                bn.running_mean.mul_(1 - source_share).add_(mu.to(bn.running_mean), alpha=source_share)
+                bn.running_var.mul_(1 - source_share).add_(var.to(bn.running_var), alpha=source_share)
     model.eval()
     return len(boxes)
 
 
-def images_at_scale(paths: Sequence[Path], stems: Sequence[str], scale: str, record: Path) -> list[np.ndarray]:
-    """The images resized to 40x: `scale` a factor, or auto per image (estimated once, then kept in `record`'s
-    "factors", so a run continued later resizes each image the same way)."""
+def measure_scales(paths: Sequence[Path], scale: str, record: Path) -> tuple[list[Path], list[str], list[str]]:
+    """Each image's factor to 40x, kept in `record`'s "factors" (estimated once, so a run continued later resizes
+    each image the same way). With `scale` auto an image whose red cells cannot be measured (a crop around one
+    white cell, a blank field) is left out and named, like a failed image of `cli predict`; when none can be
+    measured, the first one's error stands. Returns the images kept, their output stems (those of the whole
+    list, so leaving one out renames none) and a line per image left out."""
     fixed = parse_scale(scale)
     state = read_json(record)
     factors = dict(state.get("factors") or {})
-    images = []
-    for stem, path in zip(stems, paths):
-        image = read_rgb(path)
-        if stem not in factors:
-            factors[stem] = fixed if fixed is not None else auto_scale(image)[0]
-        images.append(resize_image(image, factors[stem]))
-    write_json(record, {**state, "factors": factors})
-    return images
+    skipped = dict(state.get("skipped") or {})
+    kept: list[Path] = []
+    stems: list[str] = []
+    first: BloodcellsError | None = None
+    for stem, path in zip(output_stems(paths), paths):
+        if stem not in factors and stem not in skipped:
+            if fixed is not None:
+                factors[stem] = fixed
+            else:
+                try:
+                    factors[stem] = auto_scale(read_rgb(path))[0]
+                except BloodcellsError as e:
+                    skipped[stem] = f"{path}: {e}"
+                    first = first or e
+        if stem in factors:
+            kept.append(path)
+            stems.append(stem)
+    write_json(record, {**state, "factors": factors, "skipped": skipped})
+    if not kept:
+        raise first or BloodcellsError(next(iter(skipped.values())))
+    return kept, stems, [skipped[s] for s in output_stems(paths) if s in skipped]
+
+
+def images_at_scale(paths: Sequence[Path], stems: Sequence[str], record: Path) -> list[np.ndarray]:
+    """The images resized to 40x by the factors `measure_scales` kept in `record`."""
+    factors = read_json(record)["factors"]
+    return [resize_image(read_rgb(path), factors[stem]) for stem, path in zip(stems, paths)]
 
 
 def adapt(cfg: AdaptConfig) -> dict[str, Any]:
@@ -234,30 +271,36 @@ def adapt(cfg: AdaptConfig) -> dict[str, Any]:
     if state is None and out.is_dir() and any(out.iterdir()):
         raise BloodcellsError(f"{out}: is not empty and holds no adaptation run; choose another --out")
     write_json(record, {**(state or {}), "settings": _settings(cfg), "done": False})
+    paths, stems, skipped = measure_scales(paths, cfg.scale, record)
+    for line in skipped:
+        print(f"left out (scale unknown; give --scale FACTOR to keep it): {line}", file=sys.stderr)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         if cfg.method == "stats":
-            return _adapt_stats(cfg, payload, paths, out)
-        return _Adapt(cfg, payload, paths, out).run()
+            summary = _adapt_stats(cfg, payload, paths, stems, out)
+        else:
+            summary = _Adapt(cfg, payload, paths, stems, out).run()
+        return {**summary, "left_out": skipped}
     finally:
         torch.set_num_threads(threads)
 
 
-def _adapt_stats(cfg: AdaptConfig, payload: dict, paths: list[Path], out: Path) -> dict[str, Any]:
+def _adapt_stats(cfg: AdaptConfig, payload: dict, paths: list[Path], stems: list[str], out: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     device = make_runtime("fp32", cfg.device).device
     model = create_model(**payload["config"])
     model.load_state_dict(payload["state_dict"])
     model.to(device)
     record = out / "adapt.json"
-    images = images_at_scale(paths, output_stems(paths), cfg.scale, record)
+    images = images_at_scale(paths, stems, record)
     mean, std = payload["normalization"]["mean"], payload["normalization"]["std"]
-    tiles = recalibrate(model, images, mean, std, seed=cfg.seed, device=device, progress=cfg.progress)
+    tiles = recalibrate(model, images, mean, std, seed=cfg.seed, device=device, progress=cfg.progress,
+                        source_share=cfg.source_share)
     meta = {k: v for k, v in (payload.get("meta") or {}).items()}
     meta["adapted"] = {"from": cfg.model, "method": "stats", "images": len(paths), "tiles": tiles,
-                       "layers": len(batch_norms(model)), "seed": cfg.seed}
+                       "layers": len(batch_norms(model)), "seed": cfg.seed, "source_share": cfg.source_share}
     final = out / "adapted.pt"
     training = payload.get("training") or {}  # what a later self-training run reads (loss weights, settings)
     kept = {k: training[k] for k in ("config", "class_weights") if k in training}
@@ -269,7 +312,7 @@ def _adapt_stats(cfg: AdaptConfig, payload: dict, paths: list[Path], out: Path) 
 
 
 class _Adapt:
-    def __init__(self, cfg: AdaptConfig, payload: dict, paths: list[Path], out: Path) -> None:
+    def __init__(self, cfg: AdaptConfig, payload: dict, paths: list[Path], stems: list[str], out: Path) -> None:
         self.cfg, self.paths, self.out = cfg, paths, out
         self.rt = make_runtime(cfg.precision, cfg.device)
         self.meta = {"config": payload["config"], **payload["normalization"], **(payload.get("meta") or {})}
@@ -297,11 +340,11 @@ class _Adapt:
         self.objective = SegmentationObjective(
             CombinedLoss(1.0, float(tcfg.get("dice_weight", 0.5)), None if weights is None else torch.tensor(weights)),
             self.num_classes, self.instance, float(tcfg.get("instance_weight", 1.0))).to(self.rt.device)
-        self.stems = output_stems(paths)
+        self.stems = stems
 
     def images_at_model_scale(self) -> list[np.ndarray]:
         """The user's images resized to 40x (factors estimated once, then kept in adapt.json)."""
-        return images_at_scale(self.paths, self.stems, self.cfg.scale, self.out / "adapt.json")
+        return images_at_scale(self.paths, self.stems, self.out / "adapt.json")
 
     def label_round(self, r: int, images: list[np.ndarray]) -> list[np.ndarray]:
         """This round's pseudo-labels: read back when written before, else predicted and written."""

@@ -156,6 +156,30 @@ def test_recalibrate_takes_the_images_own_statistics():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_source_share_mixes_training_and_image_statistics():
+    """--source-share w: each layer's statistics are w * the training ones + (1 - w) * the images' own."""
+    from bloodcells.segmenter.adapt import batch_norms, recalibrate
+    from bloodcells.segmenter.models import create_model
+
+    torch.manual_seed(0)
+    trained = create_model("unet", width=4).eval()
+    for bn in batch_norms(trained):  # training statistics unlike any the images give
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    rng = np.random.default_rng(1)
+    images = [np.clip(rng.normal(120, 25, (224, 224, 3)), 0, 255).astype(np.uint8) for _ in range(2)]
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    own, mixed = create_model("unet", width=4), create_model("unet", width=4)
+    for m in (own, mixed):
+        m.load_state_dict(trained.state_dict())
+    recalibrate(own, images, mean, std, batch=2, seed=0)
+    recalibrate(mixed, images, mean, std, batch=2, seed=0, source_share=0.25)
+    for t, o, m in zip(batch_norms(trained), batch_norms(own), batch_norms(mixed)):
+        assert torch.allclose(m.running_mean, 0.25 * t.running_mean + 0.75 * o.running_mean, atol=1e-6)
+        assert torch.allclose(m.running_var, 0.25 * t.running_var + 0.75 * o.running_var, rtol=1e-5)
+    assert not torch.allclose(batch_norms(own)[0].running_mean, batch_norms(mixed)[0].running_mean)
+
+
 def test_stats_adapts_only_the_normalisation(setting):
     s = adapt(config(setting, "stats", method="stats", data=None))
     assert s["method"] == "stats" and s["images"] == 4 and s["tiles"] == 4  # one plasma-padded tile each
@@ -179,6 +203,8 @@ def test_method_and_data_are_checked(setting):
         adapt(config(setting, "m1", method="tent"))
     with pytest.raises(BloodcellsError, match="--data is needed"):
         adapt(config(setting, "m2", data=None))
+    with pytest.raises(BloodcellsError, match="--source-share"):
+        adapt(config(setting, "m3", method="stats", data=None, source_share=1.0))
 
 
 def test_cli_adapt_stats_needs_no_composed_scenes(setting):
@@ -194,6 +220,11 @@ def test_cli_adapt_stats_needs_no_composed_scenes(setting):
     assert (setting / "cli-stats" / "adapted.pt").is_file()
     card = (setting / "cli-stats" / "adapted.md").read_text()
     assert "## Adapted" in card and "batch-norm statistics" in card and "4 unlabeled images" in card
+    r = CliRunner().invoke(app, ["adapt", "--model", str(setting / "run" / "best.pt"), "--images",
+                                 str(setting / "mine"), "--out", str(setting / "cli-mix"), "--method", "stats",
+                                 "--source-share", "0.5", "--scale", "0.5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "mixed with 50% of the training statistics" in (setting / "cli-mix" / "adapted.md").read_text()
 
 
 @pytest.mark.parametrize("arch", ["unet", "r2unet", "attention_unet", "unetpp", "resunet"])
@@ -221,3 +252,22 @@ def test_an_architecture_without_batch_norm_is_named():
     image = np.zeros((224, 224, 3), np.uint8)
     with pytest.raises(BloodcellsError, match="no batch-normalisation layers.*--method self-training"):
         recalibrate(create_model("ternausnet", width=4), [image], [0.5] * 3, [0.25] * 3)
+
+
+def test_an_image_whose_scale_cannot_be_measured_is_left_out_and_named(setting):
+    """--scale auto: one crop around a lone cell (here a blank field) must not stop a lab's run; none measurable must."""
+    from bloodcells.imageio import write_png
+    mixed = setting / "mixed"
+    for i in range(2):
+        (mixed / f"smear{i}.png").parent.mkdir(parents=True, exist_ok=True)
+        (mixed / f"smear{i}.png").write_bytes((setting / "mine" / f"smear{i}.png").read_bytes())
+    write_png(mixed / "blank.png", np.full((200, 200, 3), 230, np.uint8))
+    s = adapt(config(setting, "auto", images=[str(mixed)], method="stats", data=None, scale="auto"))
+    assert s["images"] == 2 and len(s["left_out"]) == 1 and "blank.png" in s["left_out"][0]
+    # continued, it resizes each image as before and leaves the same one out, without measuring again
+    again = adapt(config(setting, "auto", images=[str(mixed)], method="stats", data=None, scale="auto"))
+    assert again["left_out"] == s["left_out"] and again["images"] == 2
+    write_png(setting / "blank-only" / "blank.png", np.full((200, 200, 3), 230, np.uint8))
+    with pytest.raises(BloodcellsError, match="--scale"):
+        adapt(config(setting, "auto-none", images=[str(setting / "blank-only")], method="stats", data=None,
+                      scale="auto"))
