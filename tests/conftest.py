@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     """The real third-party datasets; skipped when absent (CI sets BLOODCELLS_DATA and requires them)."""
-    path = Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets"))
+    path = Path(os.environ.get("BLOODCELLS_DATA", ROOT.parent / "shared" / "datasets")).resolve()
     if not path.is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"BLOODCELLS_DATA={path} is missing in CI")
