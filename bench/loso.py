@@ -14,6 +14,8 @@ share of crops whose centre cell is found and gets the right WBC type. It also s
     python bench/loso.py --holdout tecom --model loso/tecom/run/best.pt --scale 1 --balance --out loso/tecom-bal
     python bench/loso.py --holdout pbc --model loso/pbc/run/best.pt --tta --out loso/pbc-tta   # 8 views a tile
     python bench/loso.py --holdout pbc --model loso/pbc/run/best.pt --adapt stats --out loso/pbc-stats
+    python bench/loso.py --holdout pbc --model loso/pbc/run/best.pt --adapt self-training --absent infected_rbc \
+        --out loso/pbc-st     # cli adapt's defaults, the model's own composed scenes mixed in
 
 With `--model`, nothing is composed or trained: that model is scored on the source's crops (the comparison: a
 model whose bank held the source's sprites, whose own crops it was partly cut from). `--balance` white-balances
@@ -21,7 +23,9 @@ each crop and BCCD smear to the training plasma colour first, as `cli predict --
 each prediction over flips and quarter turns, as `cli predict --tta` does (8 times the time). `--adapt stats` scores
 the model with its batch-norm statistics re-estimated on the lab's own images, as `cli adapt --method stats` does, and
 never on the images it scores: the crops are split in two (every other crop), each half is typed by the model adapted
-on the other half; BCCD's test smears by the model adapted on BCCD's train and val smears.
+on the other half; BCCD's test smears by the model adapted on BCCD's train and val smears. `--adapt self-training`
+does the same with `cli adapt`'s self-training (its defaults; the composed scenes the model was trained on, as its
+checkpoint records them, mixed in).
 
 Each step is skipped when its output exists (compose and training resume), so an interrupted run is re-run with
 the same command. Results: <out>/loso.json and a table on stdout (bench/RESULTS.md records them).
@@ -65,26 +69,32 @@ def crops(datasets: Path, holdout: str) -> list[tuple[Path, str]]:
     return [(it.path, it.cls) for it in items if it.skip is None and it.cls in GROUPS["wbc"]]
 
 
-def stats_model(model: Path, images: list[Path], scale: str, out: Path) -> Path:
-    """`model` with its batch-norm statistics re-estimated on `images` (cli adapt --method stats) in `out`."""
-    r = adapt(AdaptConfig(model=str(model), images=[str(p) for p in images], data=None, out=str(out),
-                          method="stats", scale=scale, progress=False))
-    return Path(r["adapted"])
+def adapted_model(model: Path, images: list[Path], scale: str, out: Path, args: argparse.Namespace) -> Path:
+    """`model` adapted to `images` in `out` as `cli adapt --method <args.adapt>` does (defaults otherwise):
+    batch-norm statistics re-estimated, or self-training with the model's own composed scenes mixed in."""
+    if args.adapt == "stats":
+        cfg = AdaptConfig(model=str(model), images=[str(p) for p in images], data=None, out=str(out),
+                          method="stats", scale=scale, source_share=args.source_share, progress=False)
+    else:
+        data = (load_checkpoint(model).get("training") or {}).get("config", {}).get("data")
+        cfg = AdaptConfig(model=str(model), images=[str(p) for p in images], data=data, out=str(out), scale=scale,
+                          absent=args.absent, threads=args.threads, progress=False)
+    return Path(adapt(cfg)["adapted"])
 
 
 def type_crops(model: Path, held: list[tuple[Path, str]], args: argparse.Namespace) -> dict:
-    """The held-out crops typed by `model`; with --adapt stats each half by the model adapted on the other half."""
+    """The held-out crops typed by `model`; with --adapt each half by the model adapted on the other half."""
     if args.adapt == "none":
         return evaluate_crops(model, held, scale=args.scale, progress=False, balance=args.balance, tta=args.tta)
     pairs, failed = [], []
     for k in (0, 1):
         scored, other = held[k::2], held[1 - k::2]
-        m = stats_model(model, [p for p, _ in other], args.scale, args.out / "adapt" / f"half-{k}")
+        m = adapted_model(model, [p for p, _ in other], args.scale, args.out / "adapt" / f"half-{k}", args)
         r = evaluate_crops(m, scored, scale=args.scale, progress=False, balance=args.balance, tta=args.tta)
         pairs += r["pairs"]
         failed += r["failed"]
     return {"model": str(model), **crop_summary(pairs), "failed": failed, "balance": args.balance,
-            "adapt": "stats: each half of the crops typed by the model adapted on the other half"}
+            "adapt": f"{args.adapt}: each half of the crops typed by the model adapted on the other half"}
 
 
 def bccd_images(root: Path, splits: tuple[str, ...]) -> list[Path]:
@@ -120,9 +130,14 @@ def main() -> None:
     ap.add_argument("--balance", action="store_true",
                     help="white-balance each crop and smear to the training plasma colour before predicting (--balance)")
     ap.add_argument("--tta", action="store_true", help="average over flips and quarter turns when scoring (--tta)")
-    ap.add_argument("--adapt", choices=("none", "stats"), default="none",
-                    help="stats: score with batch-norm statistics re-estimated on the lab's own unscored images "
-                         "(cli adapt --method stats)")
+    ap.add_argument("--adapt", choices=("none", "stats", "self-training"), default="none",
+                    help="score the model adapted on the lab's own unscored images: stats (cli adapt --method stats) "
+                         "or self-training (cli adapt, the model's own composed scenes mixed in)")
+    ap.add_argument("--absent", default=None,
+                    help="with --adapt self-training: classes kept out of the pseudo-labels (cli adapt --absent), "
+                         "e.g. infected_rbc; scoring still lets the model predict every class")
+    ap.add_argument("--source-share", type=float, default=0.0,
+                    help="with --adapt stats: share of the training statistics kept in the mix (--source-share)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")
     ap.add_argument("--threads", type=positive, default=2,
@@ -164,7 +179,7 @@ def main() -> None:
     typing = type_crops(model, held, args)
     voc = args.datasets / "bccd" / "BCCD"
     bccd_model = model if args.adapt == "none" else \
-        stats_model(model, bccd_images(voc, ("train", "val")), "auto", args.out / "adapt" / "bccd-trainval")
+        adapted_model(model, bccd_images(voc, ("train", "val")), "auto", args.out / "adapt" / "bccd-trainval", args)
     bccd = evaluate_real(bccd_model, voc, layout="voc", split="test", scale="auto",
                          wbc_labels=args.datasets / "bccd" / "wbc_subtype_labels_mooney.csv", progress=False,
                          out=args.out / "bccd-test", balance=args.balance, tta=args.tta)
@@ -172,6 +187,7 @@ def main() -> None:
               "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "hue_jitter_share": hue, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
               "best": summary.get("best"), "crops_scale": args.scale, "balance": args.balance, "tta": args.tta, "adapt": args.adapt,
+              "source_share": args.source_share, "absent": args.absent,
               "crops": typing,
               "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},
                             "wbc_subtype": bccd["wbc_subtype"]["accuracy"],
@@ -180,7 +196,8 @@ def main() -> None:
     print(f"\nleft out {source}; trained on {recipe_name} with --augment {augment}" if args.model is None
           else f"\n{model} (its bank may hold {source})")
     if args.adapt != "none":
-        print("batch-norm statistics re-estimated: each half of the crops on the other half, BCCD on its train + val")
+        how = "batch-norm statistics re-estimated" if args.adapt == "stats" else "self-trained"
+        print(f"{how}: each half of the crops on the other half, BCCD on its train + val")
     print(f"its {typing['images']} crops (--scale {args.scale}): centre cell typed right {100 * typing['accuracy']:.1f}%, "
           f"a white cell found at the centre {100 * typing['found']:.1f}%")
     for c, r in typing["per_class"].items():

@@ -153,8 +153,9 @@ def _adapted_section(meta: Mapping[str, Any]) -> list[str]:
         return []
     if a.get("method") == "stats":
         how = (f"batch-norm statistics of its {a.get('layers', '-')} layers re-estimated on {a.get('images', '-')} "
-               f"unlabeled images ({a.get('tiles', '-')} tiles, seed {a.get('seed', '-')}); weights unchanged "
-               "(`cli adapt --method stats`)")
+               f"unlabeled images ({a.get('tiles', '-')} tiles, seed {a.get('seed', '-')})"
+               + (f", mixed with {100 * a['source_share']:.0f}% of the training statistics" if a.get("source_share")
+                  else "") + "; weights unchanged (`cli adapt --method stats`)")
     else:
         how = (f"self-training on {a.get('images', '-')} unlabeled images, {a.get('rounds', '-')} round(s) of "
                "pseudo-labels and fine-tuning (`cli adapt`)")

@@ -14,3 +14,10 @@ def test_threads_below_one_is_one_usage_line(tmp_path):
                             "--threads", bad], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "--threads: must be >= 1" in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_an_unknown_adaptation_is_one_usage_line(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--holdout", "pbc", "--out", str(tmp_path / "run"),
+                        "--adapt", "tent"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "self-training" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
