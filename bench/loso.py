@@ -102,6 +102,14 @@ def bccd_images(root: Path, splits: tuple[str, ...]) -> list[Path]:
     return [root / "JPEGImages" / f"{n}.jpg" for n in names if n]
 
 
+def share(text: str) -> float:
+    """An argparse type: a share in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def positive(text: str) -> int:
     """An argparse type: an integer >= 1 (argparse turns the error into one usage line)."""
     value = int(text)
@@ -136,7 +144,7 @@ def main() -> None:
     ap.add_argument("--absent", default=None,
                     help="with --adapt self-training: classes kept out of the pseudo-labels (cli adapt --absent), "
                          "e.g. infected_rbc; scoring still lets the model predict every class")
-    ap.add_argument("--source-share", type=float, default=0.0,
+    ap.add_argument("--source-share", type=share, default=0.0,
                     help="with --adapt stats: share of the training statistics kept in the mix (--source-share)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
     ap.add_argument("--steps", type=int, default=800, help="steps per epoch (8 images each)")

@@ -105,6 +105,9 @@ class AdaptConfig:
             raise BloodcellsError(f"--keep {self.keep}: the share of pseudo-labelled pixels must be in (0, 1]")
         if not self.lr > 0:
             raise BloodcellsError(f"--lr must be > 0; got {self.lr}")
+        if self.method == "self-training" and self.source_share:
+            raise BloodcellsError(f"--source-share {self.source_share}: applies to --method stats only; drop it or "
+                                  "add --method stats")
         if not 0 <= self.source_share < 1:
             raise BloodcellsError(f"--source-share {self.source_share}: the share of the training statistics kept "
                                   "must be in [0, 1) (0: the images' own statistics alone)")
@@ -225,13 +228,15 @@ def measure_scales(paths: Sequence[Path], scale: str, record: Path) -> tuple[lis
     kept: list[Path] = []
     stems: list[str] = []
     first: BloodcellsError | None = None
-    for stem, path in zip(output_stems(paths), paths):
+    every = output_stems(paths)
+    for stem, path in zip(every, paths):
         if stem not in factors and stem not in skipped:
             if fixed is not None:
                 factors[stem] = fixed
             else:
+                image = read_rgb(path)  # a missing or corrupt file stops the run, named, as before
                 try:
-                    factors[stem] = auto_scale(read_rgb(path))[0]
+                    factors[stem] = auto_scale(image)[0]
                 except BloodcellsError as e:
                     skipped[stem] = f"{path}: {e}"
                     first = first or e
@@ -241,7 +246,7 @@ def measure_scales(paths: Sequence[Path], scale: str, record: Path) -> tuple[lis
     write_json(record, {**state, "factors": factors, "skipped": skipped})
     if not kept:
         raise first or BloodcellsError(next(iter(skipped.values())))
-    return kept, stems, [skipped[s] for s in output_stems(paths) if s in skipped]
+    return kept, stems, [skipped[s] for s in every if s in skipped]
 
 
 def images_at_scale(paths: Sequence[Path], stems: Sequence[str], record: Path) -> list[np.ndarray]:

@@ -205,6 +205,8 @@ def test_method_and_data_are_checked(setting):
         adapt(config(setting, "m2", data=None))
     with pytest.raises(BloodcellsError, match="--source-share"):
         adapt(config(setting, "m3", method="stats", data=None, source_share=1.0))
+    with pytest.raises(BloodcellsError, match="--source-share 0.5: applies to --method stats only"):
+        adapt(config(setting, "m4", source_share=0.5))
 
 
 def test_cli_adapt_stats_needs_no_composed_scenes(setting):
@@ -267,6 +269,12 @@ def test_an_image_whose_scale_cannot_be_measured_is_left_out_and_named(setting):
     # continued, it resizes each image as before and leaves the same one out, without measuring again
     again = adapt(config(setting, "auto", images=[str(mixed)], method="stats", data=None, scale="auto"))
     assert again["left_out"] == s["left_out"] and again["images"] == 2
+    # a corrupt file is no unknown scale: it stops the run, named
+    (setting / "broken").mkdir()
+    (setting / "broken" / "cut.png").write_bytes(b"\x89PNG not an image")
+    with pytest.raises(BloodcellsError, match="cut.png"):
+        adapt(config(setting, "auto-broken", images=[str(mixed), str(setting / "broken")], method="stats", data=None,
+                      scale="auto"))
     write_png(setting / "blank-only" / "blank.png", np.full((200, 200, 3), 230, np.uint8))
     with pytest.raises(BloodcellsError, match="--scale"):
         adapt(config(setting, "auto-none", images=[str(setting / "blank-only")], method="stats", data=None,

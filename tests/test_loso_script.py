@@ -21,3 +21,9 @@ def test_an_unknown_adaptation_is_one_usage_line(tmp_path):
                         "--adapt", "tent"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "self-training" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_source_share_out_of_range_is_one_usage_line(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--holdout", "pbc", "--out", str(tmp_path / "run"),
+                        "--adapt", "stats", "--source-share", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--source-share: must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
