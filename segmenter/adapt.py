@@ -20,7 +20,12 @@ nothing it learned is forgotten. Each round:
 2. `steps` optimiser steps, each on half a batch of random 224 px windows of the user's images (cross-entropy on
    the pseudo-labels) and half a batch of composed scenes (the model's own training loss, instance output
    included).
-The next round labels again with the improved model. Every draw is seeded by (seed, round, step), so a run
+The next round labels again with the improved model. With `anchor="groups"`, a later round pseudo-labels a pixel
+only where its class lies in the same group (background, red cell, white cell, platelet) as the first round's
+prediction of the model it started from (`<out>/groups/<stem>.png`, written in the first round): the model may
+re-type a white cell it found, but a red-cell stack it begins to call a white cell is not taught back to it as
+one. Without it, what the model gets wrong with confidence spreads from round to round (confirmation bias).
+Every draw is seeded by (seed, round, step), so a run
 stopped and started again continues exactly from its last checkpoint (`<out>/last.pt`, every `save_every`
 steps and at each round's end). `<out>/adapt.json` records the settings; an `--out` holding a run with other
 settings is refused. The result is `<out>/adapted.pt`, a checkpoint like any other.
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bloodcells.classes import NAMES, NUM_CLASSES
+from bloodcells.classes import CLASSES, NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import json_safe, read_json, write_json
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic
@@ -56,7 +61,11 @@ IGNORE = 255
 WINDOW = 224
 METHODS = ("self-training", "stats")
 # settings that only self-training reads: a stats run records none of them
-SELF_TRAINING_ONLY = ("data", "rounds", "steps", "batch", "lr", "keep", "tta", "absent", "augment", "precision")
+SELF_TRAINING_ONLY = ("data", "rounds", "steps", "batch", "lr", "keep", "tta", "absent", "anchor", "augment",
+                      "precision")
+ANCHORS = ("none", "groups")
+# group of every class index: 0 background, 1 white cell, 2 platelet, 3 red cell
+GROUP_OF = np.array([("background", "wbc", "platelet", "rbc").index(c.group) for c in CLASSES], np.uint8)
 
 
 @dataclass
@@ -77,6 +86,7 @@ class AdaptConfig:
     scale: str = "auto"
     tta: bool = True
     absent: str | tuple[str, ...] | None = None  # classes the user's smears cannot hold: never pseudo-labelled
+    anchor: str = "none"  # "groups": later rounds keep each pixel's group of the starting model's prediction
     augment: str = "full"  # augmentation of the composed scenes (segmenter.data)
     seed: int = 0
     save_every: int = 50
@@ -96,6 +106,8 @@ class AdaptConfig:
             raise BloodcellsError("--data is needed for --method self-training (composed scenes mixed in so that "
                                   "nothing learned is forgotten, e.g. the model's own); --method stats needs none")
         self.absent = tuple(NAMES[c] for c in parse_absent(self.absent))
+        if self.anchor not in ANCHORS:
+            raise BloodcellsError(f"--anchor {self.anchor}: choose one of {', '.join(ANCHORS)}")
         for name in ("rounds", "steps", "batch", "save_every"):
             if getattr(self, name) < 1:
                 raise BloodcellsError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
@@ -108,21 +120,31 @@ class AdaptConfig:
         if self.method == "self-training" and self.source_share:
             raise BloodcellsError(f"--source-share {self.source_share}: applies to --method stats only; drop it or "
                                   "add --method stats")
+        if self.method == "stats" and self.anchor != "none":
+            raise BloodcellsError(f"--anchor {self.anchor}: applies to self-training only; drop it or drop "
+                                  "--method stats")
         if not 0 <= self.source_share < 1:
             raise BloodcellsError(f"--source-share {self.source_share}: the share of the training statistics kept "
                                   "must be in [0, 1) (0: the images' own statistics alone)")
 
 
-def pseudo_labels(probs: list[np.ndarray], keep: float) -> tuple[list[np.ndarray], dict[str, float]]:
+def pseudo_labels(probs: list[np.ndarray], keep: float, groups: Sequence[np.ndarray] | None = None
+                  ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Pseudo-label maps (uint8, IGNORE where not confident) from class probabilities (C, h, w) of several images,
-    with one confidence threshold per class: the most confident `keep` share of each class's pixels is kept."""
+    with one confidence threshold per class: the most confident `keep` share of each class's pixels is kept.
+    `groups` (one map per image, GROUP_OF indices): a pixel whose class lies in another group is never kept and
+    does not count towards its class's share."""
     labels = [p.argmax(axis=0).astype(np.uint8) for p in probs]
     conf = [p.max(axis=0) for p in probs]
+    if groups is not None:
+        conf = [np.where(GROUP_OF[lab] == g, c, -np.inf) for lab, c, g in zip(labels, conf, groups)]
     flat_l = np.concatenate([lab.ravel() for lab in labels])
     flat_c = np.concatenate([c.ravel() for c in conf])
     thresholds = np.full(NUM_CLASSES, np.inf, np.float32)
     for c in np.unique(flat_l):
-        thresholds[c] = np.quantile(flat_c[flat_l == c], 1.0 - keep)
+        allowed = flat_c[(flat_l == c) & np.isfinite(flat_c)]
+        if allowed.size:
+            thresholds[c] = np.quantile(allowed, 1.0 - keep)
     out = [np.where(c >= thresholds[lab], lab, IGNORE).astype(np.uint8) for lab, c in zip(labels, conf)]
     kept = {NAMES[c]: round(float((flat_l == c).mean()), 4) for c in range(NUM_CLASSES) if (flat_l == c).any()}
     return out, kept
@@ -159,6 +181,8 @@ def _settings(cfg: AdaptConfig) -> dict[str, Any]:
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AdaptConfig.RESULT_ONLY}
     if not d.get("absent"):  # runs recorded before the option existed continue unchanged
         d.pop("absent", None)
+    if d.get("anchor") == "none":  # likewise
+        d.pop("anchor")
     if cfg.method == "self-training":  # likewise runs recorded before there were methods
         d.pop("method")
         d.pop("source_share")
@@ -364,17 +388,39 @@ class _Adapt:
             probs.append(predict_logits(self.model, self.meta, img, tta=self.cfg.tta, precision=self.cfg.precision,
                                         device=self.rt.device)[:self.num_classes])
             probs[-1] = drop_classes(probs[-1], [NAMES.index(c) for c in self.cfg.absent])
-        labels, shares = pseudo_labels(probs, self.cfg.keep)
+        groups = self.anchor_groups(r, probs)
+        labels, shares = pseudo_labels(probs, self.cfg.keep, groups)
         for f, lab in zip(files, labels):
             write_bytes_atomic(f, encode_png(lab, level=1, png_filter="none"))
         kept = float(np.mean([(lab != IGNORE).mean() for lab in labels]))
         self.log.append({"round": r + 1, "predicted_share": shares, "pixels_kept": round(kept, 4)})
         return labels
 
+    def anchor_groups(self, r: int, probs: list[np.ndarray]) -> list[np.ndarray] | None:
+        """With anchor "groups": the starting model's group of every pixel, written in the first round and read
+        back in later ones (None without the anchor, and in the first round, whose labels are that model's)."""
+        if self.cfg.anchor != "groups":
+            return None
+        files = [self.out / "groups" / f"{s}.png" for s in self.stems]
+        if r == 0:
+            for f, p in zip(files, probs):
+                write_bytes_atomic(f, encode_png(GROUP_OF[p.argmax(axis=0)], level=1, png_filter="none"))
+            return None
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise BloodcellsError(f"{missing}: missing (the first round's groups that --anchor groups keeps); "
+                                  "delete the run folder and start again")
+        groups = [read_gray(f) for f in files]
+        for f, g, p in zip(files, groups, probs):
+            if g.shape != p.shape[1:]:
+                raise BloodcellsError(f"{f}: {g.shape[1]}x{g.shape[0]} px, the image is {p.shape[2]}x{p.shape[1]} "
+                                      "at model scale; delete the run folder and start again")
+        return groups
+
     def save(self, name: str) -> Path:
         meta = {k: v for k, v in self.meta.items() if k not in ("config", "classes", "mean", "std")}
         meta.update({"adapted": {"from": self.cfg.model, "images": len(self.paths), "rounds": self.round,
-                                 "log": self.log}})
+                                 "anchor": self.cfg.anchor, "absent": list(self.cfg.absent), "log": self.log}})
         training = {"optimizer": self.optimizer.state_dict(), "round": self.round, "step": self.step, "log": self.log}
         path = self.out / name
         save_checkpoint(path, self.model, self.mean, self.std, json_safe(meta), training)

@@ -158,7 +158,10 @@ def _adapted_section(meta: Mapping[str, Any]) -> list[str]:
                   else "") + "; weights unchanged (`cli adapt --method stats`)")
     else:
         how = (f"self-training on {a.get('images', '-')} unlabeled images, {a.get('rounds', '-')} round(s) of "
-               "pseudo-labels and fine-tuning (`cli adapt`)")
+               "pseudo-labels and fine-tuning"
+               + (", " + ", ".join(a["absent"]) + " never pseudo-labelled" if a.get("absent") else "")
+               + (", each pixel's group kept from the first round (`--anchor groups`)" if a.get("anchor") == "groups"
+                  else "") + " (`cli adapt`)")
     return ["## Adapted", "", f"From `{a.get('from', '-')}`: {how}. The validation and training numbers above are "
             "those of the model it was adapted from."]
 

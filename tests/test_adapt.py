@@ -9,7 +9,7 @@ import torch
 
 from bloodcells.classes import NUM_CLASSES
 from bloodcells.errors import BloodcellsError
-from bloodcells.segmenter.adapt import IGNORE, AdaptConfig, _Adapt, adapt, pseudo_labels
+from bloodcells.segmenter.adapt import GROUP_OF, IGNORE, AdaptConfig, _Adapt, adapt, pseudo_labels
 from bloodcells.segmenter.checkpoint import load_model
 from bloodcells.segmenter.train import TrainConfig, state_digest, train
 
@@ -87,6 +87,57 @@ def test_absent_classes_are_never_pseudo_labelled(setting):
     with pytest.raises(BloodcellsError, match="unknown class"):
         adapt(config(setting, "bad", absent="plasmodium"))
 
+
+def test_pseudo_labels_keep_only_the_anchored_group():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), size=(2, 40, 50)).transpose(0, 3, 1, 2).astype(np.float32)
+    argmax = probs.argmax(axis=1)
+    groups = [GROUP_OF[a] for a in argmax]
+    for g in groups:
+        g[:20] = (g[:20] + 1) % 4  # the top half: every pixel's class lies in another group than the anchor's
+    labels, _ = pseudo_labels(list(probs), keep=0.5, groups=groups)
+    labels = np.stack(labels)
+    assert (labels[:, :20] == IGNORE).all()
+    for c in np.unique(argmax):  # the share kept is a share of the pixels the anchor allows
+        allowed = argmax[:, 20:] == c
+        assert abs((labels[:, 20:] == c).sum() / allowed.sum() - 0.5) < 0.1
+
+
+def test_anchor_groups_keeps_later_rounds_in_the_first_rounds_groups(setting, monkeypatch):
+    from bloodcells.imageio import encode_png, read_gray, write_bytes_atomic
+    original = _Adapt.train_round
+
+    def background_on_top(self, r, images, labels):
+        original(self, r, images, labels)
+        if r == 0:  # say the starting model saw only background in the top half of every image
+            for f in sorted((self.out / "groups").glob("*.png")):
+                g = read_gray(f)
+                g[: g.shape[0] // 2] = 0
+                write_bytes_atomic(f, encode_png(g))
+
+    monkeypatch.setattr(_Adapt, "train_round", background_on_top)
+    s = adapt(config(setting, "anchored", anchor="groups"))
+    out = setting / "anchored"
+    assert sorted(f.stem for f in (out / "groups").glob("*.png")) == [f"smear{i}" for i in range(4)]
+    first = [read_gray(f) for f in sorted((out / "round-0").glob("*.png"))]
+    later = [read_gray(f) for f in sorted((out / "round-1").glob("*.png"))]
+    top = np.concatenate([lab[: lab.shape[0] // 2].ravel() for lab in later])
+    assert set(np.unique(top)) <= {0, IGNORE}  # no cell taught where the anchor holds background
+    assert any((lab[: lab.shape[0] // 2] != 0)[lab[: lab.shape[0] // 2] != IGNORE].any() for lab in first)
+    assert (np.concatenate([lab.ravel() for lab in later]) != IGNORE).any()
+    for g, lab in zip(sorted((out / "groups").glob("*.png")), later):
+        kept = lab != IGNORE
+        assert (GROUP_OF[lab[kept]] == read_gray(g)[kept]).all()
+    assert "each pixel's group kept from the first round" in (out / "adapted.md").read_text()
+    run = object.__new__(_Adapt)  # the first round's groups read back: a missing or mismatched file is named
+    run.cfg, run.out, run.stems = config(setting, "anchored", anchor="groups"), out, [f"smear{i}" for i in range(4)]
+    probs = [np.zeros((NUM_CLASSES,) + read_gray(out / "groups" / f"smear{i}.png").shape) for i in range(4)]
+    assert len(run.anchor_groups(1, probs)) == 4
+    with pytest.raises(BloodcellsError, match="smear1.png: .* px, the image is"):
+        run.anchor_groups(1, probs[:1] + [np.zeros((NUM_CLASSES, 3, 3))] * 3)
+    (out / "groups" / "smear0.png").unlink()
+    with pytest.raises(BloodcellsError, match="smear0.png: missing"):
+        run.anchor_groups(1, probs)
 
 def test_an_interrupted_run_continues_exactly(setting, monkeypatch):
     ref = adapt(config(setting, "ref"))
@@ -207,6 +258,10 @@ def test_method_and_data_are_checked(setting):
         adapt(config(setting, "m3", method="stats", data=None, source_share=1.0))
     with pytest.raises(BloodcellsError, match="--source-share 0.5: applies to --method stats only"):
         adapt(config(setting, "m4", source_share=0.5))
+    with pytest.raises(BloodcellsError, match="--anchor groups: applies to self-training only"):
+        adapt(config(setting, "m5", method="stats", data=None, anchor="groups"))
+    with pytest.raises(BloodcellsError, match="--anchor cells: choose one of none, groups"):
+        adapt(config(setting, "m6", anchor="cells"))
 
 
 def test_cli_adapt_stats_needs_no_composed_scenes(setting):
