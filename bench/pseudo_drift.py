@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bloodcells.errors import BloodcellsError  # noqa: E402
 from bloodcells.formats import read_boxes  # noqa: E402
 from bloodcells.imageio import read_gray  # noqa: E402
 from bloodcells.segmenter.adapt import IGNORE  # noqa: E402
@@ -66,7 +67,11 @@ def main() -> None:
     print("| run | round | " + " | ".join(f"{g} px, outside its boxes" for g in GROUP_NAMES) + " |")
     print("|---|---|" + "---|" * len(GROUP_NAMES))
     for run in args.runs:
-        for row in drift(run, args.voc, args.margin):
+        try:
+            rows = drift(run, args.voc, args.margin)
+        except (BloodcellsError, OSError, KeyError, ValueError) as e:
+            raise SystemExit(f"{run}: not a readable self-training run of cli adapt ({e}); give its --out folder")
+        for row in rows:
             cells = " | ".join(f"{row[g]['pixels']:,} ({100 * row[g]['outside']:.1f}%)" for g in GROUP_NAMES)
             print(f"| {run} | {row['round']} | {cells} |")
 

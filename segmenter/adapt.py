@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bloodcells.classes import CLASSES, NAMES, NUM_CLASSES
+from bloodcells.classes import NAMES, NUM_CLASSES
 from bloodcells.errors import BloodcellsError
 from bloodcells.formats import json_safe, read_json, write_json
 from bloodcells.imageio import encode_png, read_gray, read_rgb, write_bytes_atomic
@@ -52,6 +52,7 @@ from bloodcells.segmenter.checkpoint import load_checkpoint, save_checkpoint
 from bloodcells.segmenter.data import SegmentationDataset
 from bloodcells.segmenter.infer import (auto_scale, drop_classes, pad_to_tile, parse_absent, parse_scale, predict_logits,
                                         resize_image, tile_starts)
+from bloodcells.segmenter.instances import GROUP_OF  # class index -> group: 0 background, 1 rbc, 2 wbc, 3 platelet
 from bloodcells.segmenter.losses import CombinedLoss, SegmentationObjective
 from bloodcells.segmenter.models import create_model
 from bloodcells.segmenter.predict import expand_inputs, file_digest, output_stems
@@ -64,8 +65,6 @@ METHODS = ("self-training", "stats")
 SELF_TRAINING_ONLY = ("data", "rounds", "steps", "batch", "lr", "keep", "tta", "absent", "anchor", "augment",
                       "precision")
 ANCHORS = ("none", "groups")
-# group of every class index: 0 background, 1 white cell, 2 platelet, 3 red cell
-GROUP_OF = np.array([("background", "wbc", "platelet", "rbc").index(c.group) for c in CLASSES], np.uint8)
 
 
 @dataclass
@@ -404,7 +403,8 @@ class _Adapt:
         files = [self.out / "groups" / f"{s}.png" for s in self.stems]
         if r == 0:
             for f, p in zip(files, probs):
-                write_bytes_atomic(f, encode_png(GROUP_OF[p.argmax(axis=0)], level=1, png_filter="none"))
+                group = GROUP_OF[p.argmax(axis=0)].astype(np.uint8)
+                write_bytes_atomic(f, encode_png(group, level=1, png_filter="none"))
             return None
         missing = next((f for f in files if not f.is_file()), None)
         if missing is not None:

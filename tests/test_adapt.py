@@ -84,6 +84,7 @@ def test_absent_classes_are_never_pseudo_labelled(setting):
     adapt(config(setting, "held", rounds=1, steps=1, absent=absent))
     held = np.stack([read_gray(f) for f in sorted((setting / "held" / "round-0").glob("*.png"))])
     assert not (held == NAMES.index(absent)).any() and (held != IGNORE).any()
+    assert f"{absent} never pseudo-labelled" in (setting / "held" / "adapted.md").read_text()
     with pytest.raises(BloodcellsError, match="unknown class"):
         adapt(config(setting, "bad", absent="plasmodium"))
 
