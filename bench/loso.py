@@ -144,8 +144,9 @@ def main() -> None:
     ap.add_argument("--absent", default=None,
                     help="with --adapt self-training: classes kept out of the pseudo-labels (cli adapt --absent), "
                          "e.g. infected_rbc; scoring still lets the model predict every class")
-    ap.add_argument("--anchor", choices=("none", "groups"), default="none",
-                    help="with --adapt self-training: keep each pixel's group from the first round (cli adapt --anchor)")
+    ap.add_argument("--anchor", choices=("none", "groups"), default="groups",
+                    help="with --adapt self-training: keep each pixel's group from the first round, or not "
+                         "(cli adapt --anchor; default groups)")
     ap.add_argument("--source-share", type=share, default=0.0,
                     help="with --adapt stats: share of the training statistics kept in the mix (--source-share)")
     ap.add_argument("--epochs", type=int, default=7, help="the rate drops x0.1 after epoch max(1, EPOCHS - 2)")
@@ -197,7 +198,8 @@ def main() -> None:
               "recipe": recipe_name, "augment": augment, "stain_jitter": stain, "hue_jitter_share": hue, "budget": budget,
               "seconds": {"compose": round(t1 - t0), "train": round(t2 - t1), "evaluate": round(time.time() - t2)},
               "best": summary.get("best"), "crops_scale": args.scale, "balance": args.balance, "tta": args.tta, "adapt": args.adapt,
-              "source_share": args.source_share, "absent": args.absent, "anchor": args.anchor,
+              "source_share": args.source_share, "absent": args.absent,
+              "anchor": args.anchor if args.adapt == "self-training" else None,
               "crops": typing,
               "bccd_test": {"groups": {g: r["f1"] for g, r in bccd["groups"].items()},
                             "wbc_subtype": bccd["wbc_subtype"]["accuracy"],

@@ -436,7 +436,7 @@ def adapt_cmd(
     scale: str = typer.Option("auto", "--scale", help="resize factor of your images to 40x, or auto (per image)"),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="label with test-time augmentation (flips and quarter turns)"),
     absent: Optional[str] = typer.Option(None, "--absent", help="classes your smears are known not to hold, never pseudo-labelled, e.g. infected_rbc (comma-separated)"),
-    anchor: str = typer.Option("none", "--anchor", help="none | groups: later rounds pseudo-label a pixel only in the group (red cell, white cell, platelet, background) the starting model gave it, so confident mistakes cannot spread"),
+    anchor: Optional[str] = typer.Option(None, "--anchor", show_default=False, help="groups (self-training's default) | none: later rounds pseudo-label a pixel only in the group (red cell, white cell, platelet, background) the starting model gave it, so confident mistakes cannot spread"),
     augment: str = typer.Option("full", "--augment", help="augmentation of the composed scenes: none | geometric | appearance | full"),
     seed: int = typer.Option(0, "--seed"),
     precision: str = PRECISION_OPTION,

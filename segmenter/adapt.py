@@ -20,11 +20,11 @@ nothing it learned is forgotten. Each round:
 2. `steps` optimiser steps, each on half a batch of random 224 px windows of the user's images (cross-entropy on
    the pseudo-labels) and half a batch of composed scenes (the model's own training loss, instance output
    included).
-The next round labels again with the improved model. With `anchor="groups"`, a later round pseudo-labels a pixel
-only where its class lies in the same group (background, red cell, white cell, platelet) as the first round's
-prediction of the model it started from (`<out>/groups/<stem>.png`, written in the first round): the model may
-re-type a white cell it found, but a red-cell stack it begins to call a white cell is not taught back to it as
-one. Without it, what the model gets wrong with confidence spreads from round to round (confirmation bias).
+The next round labels again with the improved model. With `anchor="groups"` (the default), a later round
+pseudo-labels a pixel only where its class lies in the same group (background, red cell, white cell, platelet)
+as the first round's prediction of the model it started from (`<out>/groups/<stem>.png`, written in the first
+round): the model may re-type a white cell it found, but a red-cell stack it begins to call a white cell is not
+taught back to it as one (`anchor="none"`: every round relabels freely). Without it, what the model gets wrong with confidence spreads from round to round (confirmation bias).
 Every draw is seeded by (seed, round, step), so a run
 stopped and started again continues exactly from its last checkpoint (`<out>/last.pt`, every `save_every`
 steps and at each round's end). `<out>/adapt.json` records the settings; an `--out` holding a run with other
@@ -85,7 +85,9 @@ class AdaptConfig:
     scale: str = "auto"
     tta: bool = True
     absent: str | tuple[str, ...] | None = None  # classes the user's smears cannot hold: never pseudo-labelled
-    anchor: str = "none"  # "groups": later rounds keep each pixel's group of the starting model's prediction
+    # "groups": later rounds keep each pixel's group of the starting model's prediction; "none": they do not;
+    # None: the method's default (groups for self-training, none for stats)
+    anchor: str | None = None
     augment: str = "full"  # augmentation of the composed scenes (segmenter.data)
     seed: int = 0
     save_every: int = 50
@@ -105,6 +107,8 @@ class AdaptConfig:
             raise BloodcellsError("--data is needed for --method self-training (composed scenes mixed in so that "
                                   "nothing learned is forgotten, e.g. the model's own); --method stats needs none")
         self.absent = tuple(NAMES[c] for c in parse_absent(self.absent))
+        if self.anchor is None:
+            self.anchor = "groups" if self.method == "self-training" else "none"
         if self.anchor not in ANCHORS:
             raise BloodcellsError(f"--anchor {self.anchor}: choose one of {', '.join(ANCHORS)}")
         for name in ("rounds", "steps", "batch", "save_every"):
@@ -174,6 +178,13 @@ def windows(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int, 
     x = torch.from_numpy(np.stack(xs)).float().div_(255)
     x = (x - torch.tensor(mean)) / torch.tensor(std)
     return x.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)).long()
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    """A recorded setting as its flag would give it (a key left out of the record is its old default)."""
+    if key not in settings:
+        return {"anchor": "none", "absent": "none"}.get(key, "not set")
+    return str(settings[key])
 
 
 def _settings(cfg: AdaptConfig) -> dict[str, Any]:
@@ -293,9 +304,11 @@ def adapt(cfg: AdaptConfig) -> dict[str, Any]:
     record = out / "adapt.json"
     state = read_json(record) if record.is_file() else None
     if state is not None and state.get("settings") != json_safe(_settings(cfg)):
-        diff = next(k for k, v in json_safe(_settings(cfg)).items() if state.get("settings", {}).get(k) != v)
-        raise BloodcellsError(f"{out}: holds an adaptation run with other settings ({diff}); choose another --out "
-                              "or delete that folder")
+        now, then = json_safe(_settings(cfg)), state.get("settings", {})
+        diff = next(k for k in [*now, *then] if now.get(k) != then.get(k))
+        raise BloodcellsError(f"{out}: holds an adaptation run with other settings ({diff}: {_shown(then, diff)} "
+                              f"there, {_shown(now, diff)} here); give its settings to continue it, choose another "
+                              "--out or delete that folder")
     if state is None and out.is_dir() and any(out.iterdir()):
         raise BloodcellsError(f"{out}: is not empty and holds no adaptation run; choose another --out")
     write_json(record, {**(state or {}), "settings": _settings(cfg), "done": False})

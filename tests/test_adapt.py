@@ -1,6 +1,7 @@
 """Self-training on unlabeled smears (cli adapt): pseudo-labels per class, exact resume, guarded output folder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def test_adapt_runs_writes_pseudo_labels_and_a_checkpoint(setting):
     assert meta["config"] == before.config and meta["adapted"]["rounds"] == 2
     assert "self-training on 4 unlabeled images, 2 round(s)" in (out / "adapted.md").read_text()
     assert state_digest(model) != state_digest(before)  # it learned something
+    assert meta["adapted"]["anchor"] == "groups" and len(list((out / "groups").glob("*.png"))) == 4  # the default
 
 
 def test_absent_classes_are_never_pseudo_labelled(setting):
@@ -171,6 +173,16 @@ def test_out_folder_with_another_run_is_refused(setting):
     adapt(config(setting, "a2", rounds=1, steps=2))
     with pytest.raises(BloodcellsError, match="other settings"):
         adapt(config(setting, "a2", rounds=1, steps=2, keep=0.3))
+    with pytest.raises(BloodcellsError, match=r"other settings \(keep: 0.5 there, 0.3 here\); give its settings"):
+        adapt(config(setting, "a2", rounds=1, steps=2, keep=0.3))
+    # a run recorded before the anchor was the default (no "anchor" in its settings) continues with --anchor none
+    record = setting / "a2" / "adapt.json"
+    state = json.loads(record.read_text())
+    state["settings"].pop("anchor")
+    record.write_text(json.dumps(state))
+    with pytest.raises(BloodcellsError, match=r"\(anchor: none there, groups here\)"):
+        adapt(config(setting, "a2", rounds=1, steps=2))
+    assert adapt(config(setting, "a2", rounds=1, steps=2, anchor="none"))["rounds"] == 1
     (setting / "junk").mkdir()
     (setting / "junk" / "x.txt").write_text("x")
     with pytest.raises(BloodcellsError, match="not empty"):
