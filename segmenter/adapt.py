@@ -180,11 +180,13 @@ def windows(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int, 
     return x.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(ys)).long()
 
 
+# what a setting that _settings leaves out of the record means (so runs recorded before it existed continue)
+LEFT_OUT = {"absent": "none", "anchor": "none", "method": "self-training"}
+
+
 def _shown(settings: dict[str, Any], key: str) -> str:
-    """A recorded setting as its flag would give it (a key left out of the record is its old default)."""
-    if key not in settings:
-        return {"anchor": "none", "absent": "none"}.get(key, "not set")
-    return str(settings[key])
+    """A recorded setting as its flag would give it."""
+    return str(settings[key]) if key in settings else LEFT_OUT.get(key, "not set")
 
 
 def _settings(cfg: AdaptConfig) -> dict[str, Any]:
