@@ -9,7 +9,8 @@ For a checkpoint with the distance output (`cli train --instance distance`). Eac
 predictions as `cli evaluate` does (`segmenter.instances.decode`: seeded watershed, pieces of one cell joined,
 unsure platelets dropped, red cells called infected only when sure), with only the seed threshold (`SEED`), a
 seed's least peak height (`SEED_H`; every setting is also decoded at 0, all seeds) and the joining limit
-(`MERGE_AREA`) changed; rows differ by the rule alone, not by a model run. Prints per setting:
+(`MERGE_AREA`) and its two vetoes (`MERGE_WHOLE`: a piece is never joined to an object already a whole cell;
+`MERGE_PASS`: nor across a border where the map falls low) changed; rows differ by the rule alone, not by a model run. Prints per setting:
 the red, white and platelet cells counted per scene (mean absolute error and bias against the truth) and the
 panoptic quality of the two red-cell classes. Choose on val, confirm on test.
 """
@@ -33,7 +34,8 @@ from bloodcells.segmenter.checkpoint import load_model  # noqa: E402
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas  # noqa: E402
 from bloodcells.segmenter.data import SegmentationDataset, read_instances  # noqa: E402
 from bloodcells.segmenter.instance_metrics import InstanceScorer  # noqa: E402
-from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
+from bloodcells.segmenter.instances import (MERGE_PASS, MERGE_WHOLE, MIN_CONFIDENCE, SURE_INFECTED,  # noqa: E402
+                                            decode)
 from bloodcells.segmenter.runtime import make_runtime  # noqa: E402
 
 HEALTHY, INFECTED = NAMES.index("healthy_rbc"), NAMES.index("infected_rbc")
@@ -64,34 +66,19 @@ def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) ->
     return out
 
 
-def main() -> None:
-    try:
-        sweep()
-    except BloodcellsError as e:  # a missing or wrong model or dataset: one line naming it
-        sys.exit(f"error: {e}")
-
-
-def sweep() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--seeds", type=floats, default=floats("0.3,0.4,0.5,0.6,0.7"))
-    ap.add_argument("--merge-areas", type=floats, default=floats("1.4"))
-    ap.add_argument("--h-maxima", type=floats, default=[],
-                    help="also decode with these least peak heights of a seed (SEED_H; each row also at 0, all seeds)")
-    ap.add_argument("--images", type=int, default=0, help="first N scenes of the split (0: all)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+def predict_split(model_path: Path, data: Path, split: str, images: int = 0):
+    """One pass of a distance-output model over the first `images` scenes of a composed split (0: all):
+    ([(class probabilities float16 (C, H, W), distance map (H, W))], [(true instance map, class of each object)],
+    expected area per class, least counted area per class)."""
     runtime = make_runtime("auto", "cpu")
-    model, meta = load_model(args.model, runtime.device)
+    model, meta = load_model(model_path, runtime.device)
     mode = meta["config"].get("instance")
     if mode != "distance":
-        sys.exit(f"{args.model}: its instance output is {mode!r}; this sweep is for the distance output")
+        sys.exit(f"{model_path}: its instance output is {mode!r}; this is for the distance output")
     model = runtime.model(model).eval()
-    ds = SegmentationDataset(args.data, args.split, mean=meta["mean"], std=meta["std"], cache=False)
-    ids = ds.ids[:args.images] if args.images else ds.ids
-    areas, _ = resolve_areas(meta, args.data)
+    ds = SegmentationDataset(data, split, mean=meta["mean"], std=meta["std"], cache=False)
+    ids = ds.ids[:images] if images else ds.ids
+    areas, _ = resolve_areas(meta, data)
     min_area = {c: MIN_FRACTION * a for c, a in areas.items()}
     k = meta["config"]["num_classes"]
     t0 = time.time()
@@ -109,24 +96,60 @@ def sweep() -> None:
                 paths = scene_paths(ds.root, ds.split, ids[i])
                 gt_cls = np.array([NAMES.index(o["class"]) for o in read_json(paths.annotation)["objects"]], np.int64)
                 truths.append((read_instances(paths.instances).astype(np.int32), gt_cls))
+    print(f"{len(ids)} {split} scenes of {data}: predicted in {time.time() - t0:.0f} s", flush=True)
+    return preds, truths, areas, min_area
+
+
+def main() -> None:
+    try:
+        sweep()
+    except BloodcellsError as e:  # a missing or wrong model or dataset: one line naming it
+        sys.exit(f"error: {e}")
+
+
+def sweep() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--seeds", type=floats, default=floats("0.3,0.4,0.5,0.6,0.7"))
+    ap.add_argument("--merge-areas", type=floats, default=floats("1.4"))
+    ap.add_argument("--h-maxima", type=floats, default=[],
+                    help="also decode with these least peak heights of a seed (SEED_H; each row also at 0, all seeds)")
+    ap.add_argument("--wholes", type=floats, default=None,
+                    help="never join a piece to an object already this many cells big (MERGE_WHOLE; 0: off; "
+                         "default: today's)")
+    ap.add_argument("--passes", type=floats, default=None,
+                    help="join two pieces only where the map between them stays this high (MERGE_PASS; 0: off; "
+                         "default: today's)")
+    ap.add_argument("--images", type=int, default=0, help="first N scenes of the split (0: all)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    preds, truths, areas, min_area = predict_split(args.model, args.data, args.split, args.images)
     t1 = time.time()
-    print(f"{len(ids)} {args.split} scenes of {args.data}: predicted in {t1 - t0:.0f} s", flush=True)
     rows = []
-    print("seed  merge  h    | cells per scene, abs. error / bias: RBC      WBC      platelet | PQ healthy / infected")
-    for seed, merge, h in [(s, m, h) for s in args.seeds for m in args.merge_areas for h in [0.0, *args.h_maxima]]:
+    print("seed  merge  h    whole pass | cells per scene, abs. error / bias: RBC      WBC      platelet "
+          "| PQ healthy / infected")
+    wholes = args.wholes if args.wholes is not None else [MERGE_WHOLE]
+    passes = args.passes if args.passes is not None else [MERGE_PASS]
+    grid = [(s, m, h, w, lp) for s in args.seeds for m in args.merge_areas for h in [0.0, *args.h_maxima]
+            for w in wholes for lp in passes]
+    for seed, merge, h, whole, least_pass in grid:
         cells = [decode(probs.astype(np.float32), aux, "distance", min_area, seed=seed, cell_area=areas,
-                        min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h, merge_area=merge)
+                        min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h, merge_area=merge,
+                        whole=whole, least_pass=least_pass)
                  for probs, aux in preds]
-        r = {"seed": seed, "merge_area": merge, "h_maxima": h, **score(truths, cells, min_area)}
+        r = {"seed": seed, "merge_area": merge, "h_maxima": h, "merge_whole": whole, "merge_pass": least_pass,
+             **score(truths, cells, min_area)}
         rows.append(r)
-        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} | {r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "
+        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} {whole:4.2f}  {least_pass:.2f} | {r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "
               f"{r['wbc_mae']:4.2f} / {r['wbc_bias']:+5.2f}  {r['platelet_mae']:4.2f} / {r['platelet_bias']:+5.2f} "
               f"| {r['pq_healthy']:.3f} / {r['pq_infected']:.3f}", flush=True)
     true_rbc = np.mean([np.isin(c, [HEALTHY, INFECTED]).sum() for _, c in truths])
     print(f"true red cells per scene: {true_rbc:.1f}; decoding took {time.time() - t1:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split,
-                                        "scenes": len(ids), "true_rbc_per_scene": float(true_rbc), "rows": rows},
+                                        "scenes": len(preds), "true_rbc_per_scene": float(true_rbc), "rows": rows},
                                        indent=2) + "\n")
 
 
