@@ -196,6 +196,40 @@ def test_pieces_of_one_cell_are_joined_and_touching_cells_are_not():
     assert len(decode(one_hot(label), aux, "distance", cell_area=area, merge_area=0.5)) == 2  # a tighter limit
 
 
+def test_a_whole_red_cell_keeps_its_neighbour_and_a_border_stops_a_join():
+    """merge_pieces joins pieces of one cell, not two red cells: never a piece to an object already MERGE_WHOLE of a
+    cell (a whole cell beside a sliver the image edge cut), nor across a contact where the map falls under
+    MERGE_PASS (a border). White cells lie apart and keep the plain rule."""
+    r = 12
+    area = {c: float(np.pi * r * r) for c in range(1, NUM_CLASSES)}
+    inst = np.zeros((40, 60), np.int32)
+    cv2.circle(inst, (r + 1, 20), r, 1, -1)
+    inst[8:33, 2 * r + 2:2 * r + 6] = 2  # a 4-px sliver of the next cell, cut by the right edge of a narrow field
+    inst = inst[:, :2 * r + 6]
+    label = np.where(inst > 0, RBC, 0).astype(np.uint8)
+    assert (inst == 2).sum() < 0.25 * area[RBC]
+    aux = distance_target(inst)
+    assert len(np.unique(merge_pieces(inst, label, area, whole=0.0))) == 2  # the plain rule takes them as one
+    assert len(np.unique(merge_pieces(inst, label, area, whole=0.8))) == 3
+    wbc = np.where(inst > 0, index_of("neutrophil"), 0).astype(np.uint8)
+    assert len(np.unique(merge_pieces(inst, wbc, area, whole=0.8))) == 2  # red cells only
+    # two halves of one cell: joined where the map stays up between them, not where it falls to a border
+    disc = np.zeros((64, 96), np.int32)
+    cv2.circle(disc, (30, 32), r, 1, -1)
+    cut = disc.copy()
+    cut[:, 30:] *= 2
+    label = np.where(cut > 0, RBC, 0).astype(np.uint8)
+    up = np.where(disc > 0, 0.6, 0.0).astype(np.float32)
+    low = up.copy()
+    low[:, 29:31] = 0.05
+    assert len(np.unique(merge_pieces(cut, label, area, height=up, least_pass=0.2))) == 2
+    assert len(np.unique(merge_pieces(cut, label, area, height=low, least_pass=0.2))) == 3
+    assert len(np.unique(merge_pieces(cut, label, area, height=low, least_pass=0.0))) == 2
+    # decode applies both by default (MERGE_WHOLE, MERGE_PASS)
+    assert len(decode(one_hot(label), low, "distance", cell_area=area)) == 2
+    assert len(decode(one_hot(label), low, "distance", cell_area=area, least_pass=0.0)) == 1
+
+
 def test_unsure_platelets_are_dropped_and_sure_ones_kept():
     """min_confidence: an object whose mean top probability is under its class's limit is dropped (predict and
     evaluate drop platelets under 0.8 by default); other classes and sure platelets stay."""
