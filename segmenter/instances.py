@@ -332,8 +332,10 @@ def flood(mask: np.ndarray, seeds: np.ndarray, elevation: np.ndarray, h: float =
         # every way from one seed to another leaves the seeds, so its pass is at most the highest non-seed pixel of
         # the part: a seed whose peak stands h above that is kept, and so is each part's highest seed
         height = -elevation
-        peak = ndimage.maximum(height, markers, np.arange(1, n_seeds)) if n_seeds > 1 else np.zeros(0)
-        off_seed = ndimage.maximum(height, np.where(markers == 0, parts, 0), np.arange(n_parts))
+        # per-label maxima over the labelled pixels only (scipy sorts what it is given: the rest of the image is waste)
+        peak = ndimage.maximum(height[where], markers[where], np.arange(1, n_seeds)) if n_seeds > 1 else np.zeros(0)
+        off = (parts > 0) & ~where
+        off_seed = ndimage.maximum(height[off], parts[off], np.arange(n_parts))
         top = np.full(n_parts, -np.inf)
         np.maximum.at(top, seed_part[1:], peak)
         low = (peak - off_seed[seed_part[1:]] < h) & (peak < top[seed_part[1:]])
@@ -363,8 +365,9 @@ def flood(mask: np.ndarray, seeds: np.ndarray, elevation: np.ndarray, h: float =
 
 
 # Up to this many seeds in a part, each is asked on its own (a connected-components pass over the part each:
-# cheapest for the two or three cores of a folded cell); beyond it one reconstruction answers all at once.
-SHALLOW_EACH_MAX = 16
+# cheapest for the two or three cores of a folded cell, and still for the few dozen of a crowded BCCD field, where
+# one reconstruction costs about 15 ms); beyond it one reconstruction answers all at once.
+SHALLOW_EACH_MAX = 64
 
 
 def _drop_shallow(marks: np.ndarray, height: np.ndarray, peak: np.ndarray, h: float,
