@@ -26,7 +26,6 @@ by whether the scene's edge cuts it, the two things composed scenes have that ma
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -37,8 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_sweep import HEALTHY, INFECTED, floats, predict_split  # noqa: E402
+from decode_sweep import HEALTHY, INFECTED, floats, guarded, predict_split, split_parser  # noqa: E402
 
+from bloodcells.segmenter.instance_metrics import overlaps  # noqa: E402
 from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
 
 RED = (HEALTHY, INFECTED)
@@ -60,8 +60,7 @@ def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: n
     n_gt, n_pred = len(gt_cls), len(pred_cls)
     gt_red = np.isin(gt_cls, RED)
     pred_red = np.isin(pred_cls, RED)
-    overlap = np.bincount(gt.ravel() * (n_pred + 1) + pred.ravel(),
-                          minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+    overlap = overlaps(gt, pred, n_gt, n_pred)
     gt_area, pred_area = overlap.sum(axis=1), overlap.sum(axis=0)
     red_cols = np.concatenate([[False], pred_red])
     red_rows = np.concatenate([[False], gt_red])
@@ -74,7 +73,7 @@ def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: n
     edge = np.zeros(n_gt + 1, bool)
     for border in (gt[0], gt[-1], gt[:, 0], gt[:, -1]):
         edge[np.unique(border)] = True
-    # which true cell each predicted red cell mostly lies on (0: none), and its share of that cell
+    # which true cell each predicted red cell mostly lies on (0: none)
     owner = ov.argmax(axis=0) if len(pids) else np.zeros(0, int)
     truths = []
     for g in np.flatnonzero(gt_red) + 1:
@@ -112,17 +111,17 @@ def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--images", type=int, default=0, help="first N scenes of the split (0: all)")
+    guarded(report)
+
+
+def report() -> None:
+    ap = split_parser(__doc__)
     ap.add_argument("--h-maxima", type=floats, default=None, help="decode at these SEED_H values (default: today's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     preds, truths, areas, min_area = predict_split(args.model, args.data, args.split, args.images)
     expected = areas[HEALTHY]
-    report = {}
+    out = {}
     for h in args.h_maxima or [None]:
         kinds, extra, by_bin, scene_err = Counter(), Counter(), Counter(), []
         for (probs, aux), (gt, gt_cls) in zip(preds, truths):
@@ -147,12 +146,12 @@ def main() -> None:
             for edge in (False, True):
                 row = [by_bin[(k, vbin, edge)] / n for k in ("found", "merged", "cut", "missed", "outline")]
                 print(f"  visible {vbin:8s} {'edge' if edge else 'inner':5s}  " + " / ".join(f"{v:.2f}" for v in row))
-        report[label] = {"scenes": n, "truth": dict(kinds), "unmatched": dict(extra),
+        out[label] = {"scenes": n, "truth": dict(kinds), "unmatched": dict(extra),
                          "by_bin": {f"{k}|{v}|{'edge' if e else 'inner'}": c for (k, v, e), c in by_bin.items()},
                          "count_mae": float(np.abs(err).mean()), "count_bias": float(err.mean())}
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split,
-                                        **report}, indent=2) + "\n")
+                                        **out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ Usage: python bench/decode_sweep.py --model runs/realistic/best.pt --data data/r
 For a checkpoint with the distance output (`cli train --instance distance`). Each setting decodes the same
 predictions as `cli evaluate` does (`segmenter.instances.decode`: seeded watershed, pieces of one cell joined,
 unsure platelets dropped, red cells called infected only when sure), with only the seed threshold (`SEED`), a
-seed's least peak height (`SEED_H`; every setting is also decoded at 0, all seeds) and the joining limit
-(`MERGE_AREA`) and its two vetoes (`MERGE_WHOLE`: a piece is never joined to an object already a whole cell;
-`MERGE_PASS`: nor across a border where the map falls low) changed; rows differ by the rule alone, not by a model run. Prints per setting:
-the red, white and platelet cells counted per scene (mean absolute error and bias against the truth) and the
-panoptic quality of the two red-cell classes. Choose on val, confirm on test.
+seed's least peak height (`SEED_H`; every setting is also decoded at 0, all seeds), the joining limit
+(`MERGE_AREA`) and its two vetoes for red cells (`MERGE_WHOLE`: a piece is never joined to an object already a
+whole cell; `MERGE_PASS`: nor across a border where the map falls low) changed; rows differ by the rule alone, not
+by a model run. Prints per setting: the red, white and platelet cells counted per scene (mean absolute error and
+bias against the truth) and the panoptic quality of the two red-cell classes. Choose on val, confirm on test.
 """
 from __future__ import annotations
 
@@ -100,18 +100,30 @@ def predict_split(model_path: Path, data: Path, split: str, images: int = 0):
     return preds, truths, areas, min_area
 
 
-def main() -> None:
-    try:
-        sweep()
-    except BloodcellsError as e:  # a missing or wrong model or dataset: one line naming it
-        sys.exit(f"error: {e}")
-
-
-def sweep() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def split_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a script that runs a model over a composed split: --model, --data, --split, --images."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--split", default="val")
+    ap.add_argument("--images", type=int, default=0, help="first N scenes of the split (0: all)")
+    return ap
+
+
+def guarded(run) -> None:
+    """run(); a missing or wrong model or dataset ends it with one line naming it."""
+    try:
+        run()
+    except BloodcellsError as e:
+        sys.exit(f"error: {e}")
+
+
+def main() -> None:
+    guarded(sweep)
+
+
+def sweep() -> None:
+    ap = split_parser(__doc__)
     ap.add_argument("--seeds", type=floats, default=floats("0.3,0.4,0.5,0.6,0.7"))
     ap.add_argument("--merge-areas", type=floats, default=floats("1.4"))
     ap.add_argument("--h-maxima", type=floats, default=[],
@@ -122,7 +134,6 @@ def sweep() -> None:
     ap.add_argument("--passes", type=floats, default=None,
                     help="join two pieces only where the map between them stays this high (MERGE_PASS; 0: off; "
                          "default: today's)")
-    ap.add_argument("--images", type=int, default=0, help="first N scenes of the split (0: all)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     preds, truths, areas, min_area = predict_split(args.model, args.data, args.split, args.images)
@@ -142,7 +153,8 @@ def sweep() -> None:
         r = {"seed": seed, "merge_area": merge, "h_maxima": h, "merge_whole": whole, "merge_pass": least_pass,
              **score(truths, cells, min_area)}
         rows.append(r)
-        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} {whole:4.2f}  {least_pass:.2f} | {r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "
+        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} {whole:4.2f}  {least_pass:.2f} | "
+              f"{r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "
               f"{r['wbc_mae']:4.2f} / {r['wbc_bias']:+5.2f}  {r['platelet_mae']:4.2f} / {r['platelet_bias']:+5.2f} "
               f"| {r['pq_healthy']:.3f} / {r['pq_infected']:.3f}", flush=True)
     true_rbc = np.mean([np.isin(c, [HEALTHY, INFECTED]).sum() for _, c in truths])

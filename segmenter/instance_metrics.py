@@ -26,10 +26,16 @@ from bloodcells.classes import GROUPS, NAMES, NUM_CLASSES
 CELL_CLASSES = range(1, NUM_CLASSES)
 
 
+def overlaps(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
+    """Pixels shared by every true object 0..n_gt and every predicted object 0..n_pred (0: none): (n_gt + 1,
+    n_pred + 1); row and column sums are the objects' areas."""
+    return np.bincount(gt.ravel().astype(np.int64) * (n_pred + 1) + pred.ravel(),
+                       minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+
+
 def iou_matrix(gt: np.ndarray, pred: np.ndarray, n_gt: int, n_pred: int) -> np.ndarray:
     """Mask IoU of every true object 1..n_gt with every predicted object 1..n_pred: (n_gt, n_pred)."""
-    inter = np.bincount(gt.ravel().astype(np.int64) * (n_pred + 1) + pred.ravel(),
-                        minlength=(n_gt + 1) * (n_pred + 1)).reshape(n_gt + 1, n_pred + 1)
+    inter = overlaps(gt, pred, n_gt, n_pred)
     a_gt, a_pred = inter.sum(axis=1), inter.sum(axis=0)
     i = inter[1:, 1:].astype(np.float64)
     union = a_gt[1:, None] + a_pred[None, 1:] - i

@@ -51,7 +51,6 @@ MERGE_SOLIDITY = 0.8
 # val scenes: red cells miscounted 1.13 -> 0.99 a scene, PQ unchanged; test 1.54 -> 1.34 (bench/RESULTS.md)
 MERGE_WHOLE = 0.8
 MERGE_PASS = 0.2
-RED_GROUP = 1  # GROUP_OF's number of the red cells
 MERGE = True  # what predict and evaluate do when not told (README: why)
 # platelets the model is unsure of are mostly faint patches of plasma or stain: on composed val scenes dropping
 # those under 0.8 mean probability raises thrombocyte PQ 0.694 -> 0.721 (bench/RESULTS.md)
@@ -61,6 +60,7 @@ MIN_CONFIDENCE = {c.index: 0.8 for c in CLASSES if c.group == "platelet"}
 # infected counts without bias (+0.58 cells a scene by majority, +0.03 at 0.6, -1.18 at 0.8) (bench/RESULTS.md)
 SURE_INFECTED = 0.6
 INFECTED, HEALTHY = index_of("infected_rbc"), index_of("healthy_rbc")
+RED_GROUP = int(GROUP_OF[HEALTHY])  # the red cells' number in GROUP_OF
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -262,11 +262,11 @@ def merge_pieces(inst: np.ndarray, labels: np.ndarray, cell_area: Mapping[int, f
     if not len(p):
         return inst
     p, pair_of, contact = np.unique(p, axis=0, return_inverse=True, return_counts=True)
-    top_pass = np.full(len(p), np.inf)
-    if height is not None:  # the highest the map stays between the two: a cut through one cell stays up
+    same = group[p[:, 0] - 1] == group[p[:, 1] - 1]
+    if height is not None:  # the highest the map stays between two red objects: a cut through one cell stays up
         top_pass = np.full(len(p), -np.inf)
         np.maximum.at(top_pass, pair_of.ravel(), np.concatenate(passes).astype(np.float64))
-    same = (group[p[:, 0] - 1] == group[p[:, 1] - 1]) & ((top_pass >= least_pass) | (group[p[:, 0] - 1] != RED_GROUP))
+        same &= (top_pass >= least_pass) | (group[p[:, 0] - 1] != RED_GROUP)
     p, contact = p[same], contact[same]
     if not len(p):
         return inst
