@@ -20,7 +20,9 @@ cell's expected area of it is visible (as `cli evaluate` counts).
       outline    the rest
 
 Each true cell is also binned by how much of it is visible (its visible area over a red cell's expected area) and
-by whether the scene's edge cuts it, the two things composed scenes have that make a cell hard to count.
+by whether the scene's edge cuts it, the two things composed scenes have that make a cell hard to count; and a found
+cell by whether it was called the other red class (healthy for infected or the reverse), what the per-class PQ
+counts against it and the count of red cells does not.
 
     python bench/count_errors.py --model runs/realistic/best.pt --data data/realistic --split val --images 400
 """
@@ -54,9 +56,10 @@ def _shared(col: np.ndarray, red_rows: np.ndarray, g: int) -> bool:
 
 
 def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: np.ndarray, expected: float,
-               least: float) -> tuple[list[tuple[str, str, bool]], list[str]]:
-    """(kind, visibility bin, cut by the edge) of each counted true red cell and the kind of each unmatched
-    predicted red cell of one scene."""
+               least: float) -> tuple[list[tuple[str, str, bool, str]], list[str]]:
+    """(kind, visibility bin, cut by the edge, swap) of each counted true red cell, where swap is "" or, for a cell
+    found but called the other red class, "infected->healthy" or "healthy->infected"; and the kind of each
+    unmatched predicted red cell of one scene."""
     n_gt, n_pred = len(gt_cls), len(pred_cls)
     gt_red = np.isin(gt_cls, RED)
     pred_red = np.isin(pred_cls, RED)
@@ -82,8 +85,12 @@ def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: n
         vis = gt_area[g] / expected
         vbin = "<0.4" if vis < VISIBLE_BINS[0] else ("0.4-0.7" if vis < VISIBLE_BINS[1] else ">=0.7")
         row = ov[g]
+        swap = ""
         if (iou[g] > 0.5).any():
             kind = "found"
+            called = pred_cls[pids[iou[g].argmax()] - 1]
+            if called != gt_cls[g - 1]:
+                swap = "infected->healthy" if called == HEALTHY else "healthy->infected"
         elif row.sum() < 0.5 * gt_area[g]:
             kind = "missed"
         elif _shared(ov[:, row.argmax()], red_rows, g):
@@ -92,7 +99,7 @@ def sort_scene(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cls: n
             kind = "cut"
         else:
             kind = "outline"
-        truths.append((kind, vbin, bool(edge[g])))
+        truths.append((kind, vbin, bool(edge[g]), swap))
     extras = []
     for j in np.flatnonzero(~matched_pred):
         col = ov[:, j]
@@ -123,13 +130,15 @@ def report() -> None:
     expected = areas[HEALTHY]
     out = {}
     for h in args.h_maxima or [None]:
-        kinds, extra, by_bin, scene_err = Counter(), Counter(), Counter(), []
+        kinds, extra, by_bin, swapped, scene_err = Counter(), Counter(), Counter(), Counter(), []
         for (probs, aux), (gt, gt_cls) in zip(preds, truths):
             cells = decode(probs.astype(np.float32), aux, "distance", min_area, cell_area=areas,
                            min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h)
             t, e = sort_scene(gt, gt_cls, cells.instances, cells.classes, expected, min_area[HEALTHY])
-            kinds.update(k for k, _, _ in t)
-            by_bin.update((k, v, edge) for k, v, edge in t)
+            kinds.update(k for k, _, _, _ in t)
+            by_bin.update((k, v, edge) for k, v, edge, _ in t)
+            swapped.update((sw, v) for _, v, _, sw in t if sw)
+            swapped.update(("of", v) for k, v, _, _ in t if k == "found")
             extra.update(e)
             scene_err.append(int(np.isin(cells.classes, RED).sum()) - len(t))
         n = len(preds)
@@ -146,7 +155,12 @@ def report() -> None:
             for edge in (False, True):
                 row = [by_bin[(k, vbin, edge)] / n for k in ("found", "merged", "cut", "missed", "outline")]
                 print(f"  visible {vbin:8s} {'edge' if edge else 'inner':5s}  " + " / ".join(f"{v:.2f}" for v in row))
-        out[label] = {"scenes": n, "truth": dict(kinds), "unmatched": dict(extra),
+        print("found but called the other red class, per scene (share of the found in that bin):")
+        for sw in ("infected->healthy", "healthy->infected"):
+            print(f"  {sw:18s} " + "  ".join(f"visible {v} {swapped[(sw, v)] / n:.2f} "
+                                             f"({swapped[(sw, v)] / max(swapped[('of', v)], 1):.1%})"
+                                             for v in ("<0.4", "0.4-0.7", ">=0.7")))
+        out[label] = {"scenes": n, "swapped": {f"{k}|{v}": c for (k, v), c in swapped.items() if k != "of"}, "truth": dict(kinds), "unmatched": dict(extra),
                          "by_bin": {f"{k}|{v}|{'edge' if e else 'inner'}": c for (k, v, e), c in by_bin.items()},
                          "count_mae": float(np.abs(err).mean()), "count_bias": float(err.mean())}
     if args.out:

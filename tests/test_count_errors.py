@@ -28,10 +28,10 @@ def test_true_and_predicted_red_cells_sorted_by_kind():
     pred[5:15, 5:25] = 1                        # ... taken as one
     pred[30:40, 30:35], pred[30:40, 35:40] = 2, 3
     pred[20:28, 20:28] = 4                      # on plasma
-    pred[0:6, 40:50] = 5                        # found (an infected call still finds a red cell)
+    pred[0:6, 40:50] = 5                        # found (an infected call still finds a red cell; it is a swap)
     truth, extra = count_errors.sort_scene(gt, np.full(5, RBC), pred, np.array([RBC, RBC, RBC, RBC, INF]), 100.0, 15)
-    assert [k for k, _, _ in truth] == ["merged", "merged", "cut", "missed", "found"]
-    assert truth[4][1:] == ("0.4-0.7", True) and truth[0][1:] == (">=0.7", False)
+    assert [k for k, *_ in truth] == ["merged", "merged", "cut", "missed", "found"]
+    assert truth[4][1:] == ("0.4-0.7", True, "healthy->infected") and truth[0][1:] == (">=0.7", False, "")
     assert extra == ["merger", "piece", "piece", "no cell"]
 
 
