@@ -10,9 +10,10 @@ predictions as `cli evaluate` does (`segmenter.instances.decode`: seeded watersh
 unsure platelets dropped, red cells called infected only when sure), with only the seed threshold (`SEED`), a
 seed's least peak height (`SEED_H`; every setting is also decoded at 0, all seeds), the joining limit
 (`MERGE_AREA`) and its two vetoes for red cells (`MERGE_WHOLE`: a piece is never joined to an object already a
-whole cell; `MERGE_PASS`: nor across a border where the map falls low) changed; rows differ by the rule alone, not
-by a model run. Prints per setting: the red, white and platelet cells counted per scene (mean absolute error and
-bias against the truth) and the panoptic quality of the two red-cell classes, each and taken as one (outlines alone,
+whole cell; `MERGE_PASS`: nor across a border where the map falls low) and the least infected share of a red cell
+called infected (`SURE_INFECTED`, `--sure-infected`) changed; rows differ by the rule alone, not by a model run.
+Prints per setting: the red, white, platelet and infected cells counted per scene (mean absolute error and bias
+against the truth) and the panoptic quality of the two red-cell classes, each and taken as one (outlines alone,
 whatever the infected call). Choose on val, confirm on test.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) ->
     out.update({f"{g}_bias": v / n for g, v in bias.items()})
     pq_red = red.iou_sum[HEALTHY] / max(red.tp[HEALTHY] + red.fp[HEALTHY] / 2 + red.fn[HEALTHY] / 2, 1e-12)
     out.update(pq_healthy=float(pq[HEALTHY]), pq_infected=float(pq[INFECTED]), pq_red=float(pq_red),
-               healthy_mae=float(scorer.count_err[HEALTHY] / n), infected_mae=float(scorer.count_err[INFECTED] / n))
+               healthy_mae=float(scorer.count_err[HEALTHY] / n), infected_mae=float(scorer.count_err[INFECTED] / n),
+               infected_bias=float(scorer.count_signed[INFECTED] / n))
     return out
 
 
@@ -139,28 +141,34 @@ def sweep() -> None:
     ap.add_argument("--passes", type=floats, default=None,
                     help="join two pieces only where the map between them stays this high (MERGE_PASS; 0: off; "
                          "default: today's)")
+    ap.add_argument("--sure-infected", type=floats, default=None,
+                    help="call a red cell infected when that class holds this share of its red probability "
+                         "(SURE_INFECTED; default: today's)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     preds, truths, areas, min_area = predict_split(args.model, args.data, args.split, args.images)
     t1 = time.time()
     rows = []
-    print("seed  merge  h    whole pass | cells per scene, abs. error / bias: RBC      WBC      platelet "
-          "| PQ healthy / infected / red as one")
+    print("seed  merge  h    whole pass  inf. | cells per scene, abs. error / bias: RBC      WBC      platelet "
+          "infected | PQ healthy / infected / red as one")
     wholes = args.wholes if args.wholes is not None else [MERGE_WHOLE]
     passes = args.passes if args.passes is not None else [MERGE_PASS]
-    grid = [(s, m, h, w, lp) for s in args.seeds for m in args.merge_areas for h in [0.0, *args.h_maxima]
-            for w in wholes for lp in passes]
-    for seed, merge, h, whole, least_pass in grid:
+    sure = args.sure_infected if args.sure_infected is not None else [SURE_INFECTED]
+    grid = [(s, m, h, w, lp, si) for s in args.seeds for m in args.merge_areas for h in [0.0, *args.h_maxima]
+            for w in wholes for lp in passes for si in sure]
+    for seed, merge, h, whole, least_pass, sure_infected in grid:
         cells = [decode(probs.astype(np.float32), aux, "distance", min_area, seed=seed, cell_area=areas,
-                        min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h, merge_area=merge,
+                        min_confidence=MIN_CONFIDENCE, infected=sure_infected, h=h, merge_area=merge,
                         whole=whole, least_pass=least_pass)
                  for probs, aux in preds]
         r = {"seed": seed, "merge_area": merge, "h_maxima": h, "merge_whole": whole, "merge_pass": least_pass,
+             "sure_infected": sure_infected,
              **score(truths, cells, min_area)}
         rows.append(r)
-        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} {whole:4.2f}  {least_pass:.2f} | "
+        print(f"{seed:.2f}  {merge:.2f}  {h:.2f} {whole:4.2f}  {least_pass:.2f}  {sure_infected:.2f} | "
               f"{r['rbc_mae']:5.2f} / {r['rbc_bias']:+5.2f}  "
               f"{r['wbc_mae']:4.2f} / {r['wbc_bias']:+5.2f}  {r['platelet_mae']:4.2f} / {r['platelet_bias']:+5.2f} "
+              f"{r['infected_mae']:4.2f} / {r['infected_bias']:+5.2f} "
               f"| {r['pq_healthy']:.3f} / {r['pq_infected']:.3f} / {r['pq_red']:.3f}", flush=True)
     true_rbc = np.mean([np.isin(c, [HEALTHY, INFECTED]).sum() for _, c in truths])
     print(f"true red cells per scene: {true_rbc:.1f}; decoding took {time.time() - t1:.0f} s")

@@ -36,6 +36,7 @@ def test_red_cells_as_one_ignore_the_infected_call():
     assert r["pq_healthy"] == pytest.approx(1 / 1.5)   # one true positive, one false positive
     assert r["pq_infected"] == 0.0
     assert r["rbc_mae"] == 0.0 and r["rbc_bias"] == 0.0
+    assert r["infected_mae"] == 1.0 and r["infected_bias"] == -1.0   # one parasitised cell a scene uncounted
     half = gt.copy()
     half[20:30, 25:30] = 0                       # the second cell's outline half wrong: no match at IoU 0.5
     r = decode_sweep.score([(gt, np.array([RBC, INF]))], [cells(half, [RBC, INF])], {})
