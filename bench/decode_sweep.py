@@ -3,7 +3,8 @@ split, then the cells decoded at several seed thresholds (and joining limits), e
 instance maps.
 
 Usage: python bench/decode_sweep.py --model runs/realistic/best.pt --data data/realistic --split val \
-    [--seeds 0.3,0.4,0.5,0.6,0.7] [--merge-areas 1.4] [--h-maxima 0.2] [--images 400] [--out sweep.json]
+    [--seeds 0.3,0.4,0.5,0.6,0.7] [--merge-areas 1.4] [--h-maxima 0.2] [--wholes 0,0.8] [--passes 0,0.2] \
+    [--sure-infected 0.5,0.6] [--images 400] [--out sweep.json]
 
 For a checkpoint with the distance output (`cli train --instance distance`). Each setting decodes the same
 predictions as `cli evaluate` does (`segmenter.instances.decode`: seeded watershed, pieces of one cell joined,
@@ -36,8 +37,8 @@ from bloodcells.segmenter.checkpoint import load_model  # noqa: E402
 from bloodcells.segmenter.count import MIN_FRACTION, resolve_areas  # noqa: E402
 from bloodcells.segmenter.data import SegmentationDataset, read_instances  # noqa: E402
 from bloodcells.segmenter.instance_metrics import InstanceScorer  # noqa: E402
-from bloodcells.segmenter.instances import (MERGE_PASS, MERGE_WHOLE, MIN_CONFIDENCE, SURE_INFECTED,  # noqa: E402
-                                            decode)
+from bloodcells.segmenter.instances import (MERGE_PASS, MERGE_WHOLE, MIN_CONFIDENCE, SEED_H,  # noqa: E402
+                                            SURE_INFECTED, decode)
 from bloodcells.segmenter.runtime import make_runtime  # noqa: E402
 
 HEALTHY, INFECTED = NAMES.index("healthy_rbc"), NAMES.index("infected_rbc")
@@ -133,8 +134,9 @@ def sweep() -> None:
     ap = split_parser(__doc__)
     ap.add_argument("--seeds", type=floats, default=floats("0.3,0.4,0.5,0.6,0.7"))
     ap.add_argument("--merge-areas", type=floats, default=floats("1.4"))
-    ap.add_argument("--h-maxima", type=floats, default=[],
-                    help="also decode with these least peak heights of a seed (SEED_H; each row also at 0, all seeds)")
+    ap.add_argument("--h-maxima", type=floats, default=[SEED_H["distance"]],
+                    help="also decode with these least peak heights of a seed (SEED_H; default: today's; each row "
+                         "also at 0, all seeds)")
     ap.add_argument("--wholes", type=floats, default=None,
                     help="never join a piece to an object already this many cells big (MERGE_WHOLE; 0: off; "
                          "default: today's)")
