@@ -138,7 +138,7 @@ def report() -> None:
             kinds.update(k for k, _, _, _ in t)
             by_bin.update((k, v, edge) for k, v, edge, _ in t)
             swapped.update((sw, v) for _, v, _, sw in t if sw)
-            swapped.update(("of", v) for k, v, _, _ in t if k == "found")
+            swapped.update(("of", v) for k, v, _, _ in t if k == "found")  # the found cells of each bin
             extra.update(e)
             scene_err.append(int(np.isin(cells.classes, RED).sum()) - len(t))
         n = len(preds)
@@ -160,9 +160,10 @@ def report() -> None:
             print(f"  {sw:18s} " + "  ".join(f"visible {v} {swapped[(sw, v)] / n:.2f} "
                                              f"({swapped[(sw, v)] / max(swapped[('of', v)], 1):.1%})"
                                              for v in ("<0.4", "0.4-0.7", ">=0.7")))
-        out[label] = {"scenes": n, "swapped": {f"{k}|{v}": c for (k, v), c in swapped.items() if k != "of"}, "truth": dict(kinds), "unmatched": dict(extra),
-                         "by_bin": {f"{k}|{v}|{'edge' if e else 'inner'}": c for (k, v, e), c in by_bin.items()},
-                         "count_mae": float(np.abs(err).mean()), "count_bias": float(err.mean())}
+        out[label] = {"scenes": n, "truth": dict(kinds), "unmatched": dict(extra),
+                      "by_bin": {f"{k}|{v}|{'edge' if e else 'inner'}": c for (k, v, e), c in by_bin.items()},
+                      "swapped": {f"{k}|{v}": c for (k, v), c in swapped.items() if k != "of"},
+                      "count_mae": float(np.abs(err).mean()), "count_bias": float(err.mean())}
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split,
                                         **out}, indent=2) + "\n")

@@ -48,6 +48,11 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def panoptic(scorer: InstanceScorer) -> np.ndarray:
+    """Panoptic quality per class of what `scorer` holds: summed IoU of the matches over tp + fp / 2 + fn / 2."""
+    return scorer.iou_sum / np.maximum(scorer.tp + scorer.fp / 2 + scorer.fn / 2, 1e-12)
+
+
 def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) -> dict[str, float]:
     """`cli evaluate`'s instance scores (`InstanceScorer`: cells too little visible to count are ignored) and the
     signed count error per group."""
@@ -64,10 +69,9 @@ def score(truths: list[tuple[np.ndarray, np.ndarray]], cells: list, min_area) ->
             members = [NAMES.index(n) for n in names]
             bias[g] += int(np.isin(c.classes, members).sum()) - int((np.isin(gt_cls, members) & counted).sum())
     n = max(scorer.scenes, 1)
-    pq = scorer.iou_sum / np.maximum(scorer.tp + scorer.fp / 2 + scorer.fn / 2, 1e-12)
+    pq, pq_red = panoptic(scorer), panoptic(red)[HEALTHY]
     out = {f"{g}_mae": v / n for g, v in scorer.group_err.items()}
     out.update({f"{g}_bias": v / n for g, v in bias.items()})
-    pq_red = red.iou_sum[HEALTHY] / max(red.tp[HEALTHY] + red.fp[HEALTHY] / 2 + red.fn[HEALTHY] / 2, 1e-12)
     out.update(pq_healthy=float(pq[HEALTHY]), pq_infected=float(pq[INFECTED]), pq_red=float(pq_red),
                healthy_mae=float(scorer.count_err[HEALTHY] / n), infected_mae=float(scorer.count_err[INFECTED] / n),
                infected_bias=float(scorer.count_signed[INFECTED] / n))

@@ -30,8 +30,8 @@ def cells(inst: np.ndarray, classes: list[int]) -> Cells:
 def test_red_cells_as_one_ignore_the_infected_call():
     gt = np.zeros((40, 40), np.int32)
     gt[2:12, 2:12], gt[20:30, 20:30] = 1, 2      # a healthy and an infected cell
-    pred = gt.copy()                             # both outlined exactly ...
-    r = decode_sweep.score([(gt, np.array([RBC, INF]))], [cells(pred, [RBC, RBC])], {})  # ... the infected one called healthy
+    pred = gt.copy()                             # both outlined exactly, the infected one called healthy
+    r = decode_sweep.score([(gt, np.array([RBC, INF]))], [cells(pred, [RBC, RBC])], {})
     assert r["pq_red"] == pytest.approx(1.0)
     assert r["pq_healthy"] == pytest.approx(1 / 1.5)   # one true positive, one false positive
     assert r["pq_infected"] == 0.0
