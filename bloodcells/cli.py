@@ -43,6 +43,9 @@ def sprites_import(
     workers: int = typer.Option(2, "--workers", callback=at_least(1)),
     backgrounds: bool = typer.Option(True, "--backgrounds/--no-backgrounds",
                                      help="also keep each smear's plasma (its cell-free background) as a background field"),
+    min_parasite: float = typer.Option(0.002, "--min-parasite", min=0.0, max=1.0,
+                                       help="reject an infected red cell whose largest parasite-like body (dark, purple) "
+                                            "covers less of it than this (0: keep every infected crop)"),
 ) -> None:
     """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
     from bloodcells.composer.aliases import AliasTable
@@ -56,7 +59,7 @@ def sprites_import(
     found, found_in = (licence.strip(), "--licence") if licence and licence.strip() else find_licence(root)
     summary = SpriteBank(bank).import_items(items, name or f"{kind}:{root.resolve().name}", workers,
                                             parse_fractions(split), licence=found, licence_from=found_in,
-                                            fields=backgrounds)
+                                            fields=backgrounds, min_parasite=min_parasite)
     typer.echo("\n".join(summary.lines()))
     note = {None: "  (none found; pass --licence TEXT)", "--licence": ""}.get(found_in, f"  (from {found_in})")
     typer.echo(f"licence: {found}{note}")

@@ -29,7 +29,7 @@ from bloodcells.errors import BloodcellsError, disk_errors
 from bloodcells.formats import SPLITS, read_json, write_json
 from bloodcells.imageio import read_rgba, write_bytes_atomic
 
-from .cutter import cut_item, sprite_id
+from .cutter import MIN_PARASITE, cut_item, sprite_id
 from .licence import UNKNOWN
 from .sources import Item
 from .sprite import Sprite
@@ -78,9 +78,9 @@ class ImportSummary:
         return out
 
 
-def _work(task: tuple[Item, bool]):
-    item, fields = task
-    return item, cut_item(item, fields)
+def _work(task: tuple[Item, bool, float]):
+    item, fields, min_parasite = task
+    return item, cut_item(item, fields, min_parasite)
 
 
 def _init_worker() -> None:
@@ -178,9 +178,11 @@ class SpriteBank:
     def import_items(self, items: list[Item], source: str, workers: int = 2,
                      fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
                      progress: bool = True, licence: str | None = None,
-                     licence_from: str | None = None, fields: bool = True) -> ImportSummary:
+                     licence_from: str | None = None, fields: bool = True,
+                     min_parasite: float = MIN_PARASITE) -> ImportSummary:
         """Cut every new item into sprites (and, with `fields`, its plasma field); one index line per source image;
-        record the source's licence."""
+        record the source's licence. Infected red cells without a visible parasite (its largest body under
+        `min_parasite` of the cell; 0: keep all) are rejected."""
         summary = ImportSummary(source, items=len(items))
         with self._locked():
             if licence is not None:
@@ -191,7 +193,7 @@ class SpriteBank:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
             pool = ctx.Pool(workers, initializer=_init_worker) if workers > 1 and len(todo) > 8 else None
             try:
-                tasks = [(it, fields) for it in todo]
+                tasks = [(it, fields, min_parasite) for it in todo]
                 results = pool.imap(_work, tasks, chunksize=4) if pool else map(_work, tasks)
                 with open(self.index_path, "ab") as index:
                     for item, cuts in tqdm(results, total=len(todo), desc=f"import {source}", unit="img",

@@ -108,6 +108,32 @@ def black_background_mask(rgb: np.ndarray, level: int = 12) -> tuple[np.ndarray,
     return mask, plausibility(mask, min_frac=0.15, max_frac=0.995, max_border=0.85)
 
 
+PARASITE_DARK = 12.0    # L* units darker than the cell's own median
+PARASITE_PURPLE = 6.0   # and more purple: bluer (b* lower) plus half as much more magenta (a* higher)
+
+
+def parasite_share(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Share of a red cell's pixels in its largest parasite-like body: a blob that took the basic stain, darker
+    and more purple than the cell's own median colour (opened by 2 px, so that specks do not count).
+
+    A Giemsa-stained malaria parasite (ring, trophozoite, schizont, gametocyte) is such a body; a healthy red cell
+    shows none. 0.0 for an empty mask."""
+    m = cv2.erode(mask.astype(np.uint8), np.ones((2, 2), np.uint8)) > 0
+    if m.sum() < 20:
+        return 0.0
+    ys, xs = np.nonzero(m)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    m = m[y0:y1, x0:x1]
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2LAB).astype(np.float32)
+    light, a, b = lab[..., 0] * (100 / 255), lab[..., 1] - 128, lab[..., 2] - 128
+    dark = np.median(light[m]) - light
+    purple = (np.median(b[m]) - b) + 0.5 * (a - np.median(a[m]))
+    body = (m & (dark > PARASITE_DARK) & (purple > PARASITE_PURPLE)).astype(np.uint8)
+    body = cv2.morphologyEx(body, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=8)
+    return float(stats[1:, cv2.CC_STAT_AREA].max() / m.sum()) if n > 1 else 0.0
+
+
 def _group_seeds(seeds: np.ndarray, link_r: int) -> tuple[int, np.ndarray]:
     """Label seed pixels so that pieces closer than link_r (e.g. nuclear lobes) share a label."""
     linked = cv2.dilate(seeds.astype(np.uint8), disk(link_r))

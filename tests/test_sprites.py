@@ -53,6 +53,24 @@ def test_real_masks_have_plausible_coverage(real_bank):
     assert med_d["thrombocyte"] < min(med_d[c] for c in WBC)
 
 
+def test_real_infected_crops_need_a_visible_parasite(real_bank):
+    """The malaria set's Parasitized crops nearly all show a stained body and are kept; the few that look healthy
+    are rejected with their reason; its Uninfected crops almost never show one."""
+    from bloodcells.composer.cutter import MIN_PARASITE, NO_PARASITE
+    from bloodcells.composer.masks import parasite_share
+
+    bank, summaries = real_bank
+    kaggle = next(s for s in summaries if s.source.startswith("kaggle"))
+    assert 0 < kaggle.rejected[NO_PARASITE] <= 0.1 * (kaggle.accepted["infected_rbc"] + kaggle.rejected[NO_PARASITE])
+    assert kaggle.accepted["healthy_rbc"] == 400  # the check is for infected cells only
+    healthy = [r for r in bank.records() if r["class"] == "healthy_rbc" and r["source"].startswith("kaggle")]
+    shares = []
+    for r in healthy[:200]:
+        a = cv2.cvtColor(cv2.imread(str(bank.root / r["path"]), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+        shares.append(parasite_share(a[..., :3], a[..., 3] > 127))
+    assert np.mean(np.array(shares) >= MIN_PARASITE) < 0.05
+
+
 def test_splits_are_per_source_image_and_stable(real_bank):
     bank, _ = real_bank
     for e in bank.entries():
@@ -172,17 +190,50 @@ def test_yolo_and_csv_boxes(tmp_path):
     assert all(abs(x - 45) < 4 for x in d)
 
 
+def _red_cell(parasite: bool) -> np.ndarray:
+    img = np.zeros((100, 100, 3), np.uint8)
+    cv2.circle(img, (50, 50), 40, (200, 150, 150), -1)
+    if parasite:  # a ring-stage parasite: a small dark purple body
+        cv2.circle(img, (40, 60), 4, (110, 40, 140), -1)
+    return img
+
+
 def test_black_background_crops(tmp_path):
     root = tmp_path / "cells"
     for cls in ("Parasitized", "Uninfected"):
         for i in range(3):
-            img = np.zeros((100, 100, 3), np.uint8)
-            cv2.circle(img, (50, 50), 40, (200, 150, 150), -1)
-            _write(root / cls / f"{i}.png", img)
+            _write(root / cls / f"{i}.png", _red_cell(parasite=cls == "Parasitized"))
     bank = SpriteBank(tmp_path / "bank")
     s = bank.import_items(list_items("kaggle", root, AliasTable()), "k", workers=1, progress=False)
     assert s.accepted == Counter({"infected_rbc": 3, "healthy_rbc": 3})
     assert all(abs(r["diameter"] - 81) < 3 for r in bank.records())
+
+
+def test_an_infected_crop_without_a_parasite_is_rejected(tmp_path):
+    from bloodcells.composer.cutter import NO_PARASITE
+    from bloodcells.composer.masks import parasite_share
+
+    cell = _red_cell(parasite=True)
+    inside = cell.max(axis=2) > 12
+    assert 0.005 < parasite_share(cell, inside) < 0.02  # the body: about 49 of 5,000 px
+    assert parasite_share(_red_cell(parasite=False), inside) == 0.0
+    for colour in ((90, 90, 90), (120, 70, 50), (150, 60, 60)):  # dark but not purple: debris, pigment, a fold
+        speck = _red_cell(parasite=False)
+        cv2.circle(speck, (40, 60), 4, colour, -1)
+        assert parasite_share(speck, inside) == 0.0, colour
+    root = tmp_path / "cells"
+    _write(root / "Parasitized" / "seen.png", cell)
+    _write(root / "Parasitized" / "unseen.png", _red_cell(parasite=False))
+    _write(root / "Uninfected" / "clean.png", _red_cell(parasite=False))
+    items = list_items("kaggle", root, AliasTable())
+    s = SpriteBank(tmp_path / "bank").import_items(items, "k", workers=1, progress=False)
+    assert s.accepted == Counter({"infected_rbc": 1, "healthy_rbc": 1})
+    assert s.rejected == Counter({NO_PARASITE: 1})
+    rejected = [e for e in SpriteBank(tmp_path / "bank").entries() if e["rejected"]]
+    assert [Path(e["file"]).name for e in rejected] == ["unseen.png"]
+    # 0 keeps every infected crop
+    s0 = SpriteBank(tmp_path / "all").import_items(items, "k", workers=1, progress=False, min_parasite=0)
+    assert s0.accepted == Counter({"infected_rbc": 2, "healthy_rbc": 1})
 
 
 def test_empty_and_missing_folders_are_clear_errors(tmp_path):
