@@ -231,9 +231,12 @@ def test_an_infected_crop_without_a_parasite_is_rejected(tmp_path):
     assert s.rejected == Counter({NO_PARASITE: 1})
     rejected = [e for e in SpriteBank(tmp_path / "bank").entries() if e["rejected"]]
     assert [Path(e["file"]).name for e in rejected] == ["unseen.png"]
-    # 0 keeps every infected crop
-    s0 = SpriteBank(tmp_path / "all").import_items(items, "k", workers=1, progress=False, min_parasite=0)
-    assert s0.accepted == Counter({"infected_rbc": 2, "healthy_rbc": 1})
+    # 0 keeps every infected crop, from the command line too
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "sprites", "import", "kaggle", str(root), "--bank",
+                        str(tmp_path / "all"), "--workers", "1", "--min-parasite", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Counter(rec["class"] for rec in SpriteBank(tmp_path / "all").records()) == \
+        Counter({"infected_rbc": 2, "healthy_rbc": 1})
 
 
 def test_empty_and_missing_folders_are_clear_errors(tmp_path):
