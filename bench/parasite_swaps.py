@@ -8,7 +8,10 @@ sprite's parasite share. A model cannot tell an infected sprite that shows no pa
 sprites are what `cli sprites import --min-parasite` rejects.
 
     python bench/parasite_swaps.py --model runs/realistic/best.pt --data data/realistic --bank sprites \
-        --split test --images 400
+        --split test --images 400 [--sheet least.png]
+
+`--sheet` also writes a contact sheet of the bank's infected sprites with the least parasite share, least first,
+each tile marked with its share in percent, to see what the check rejects and what it keeps.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +30,9 @@ from decode_sweep import HEALTHY, INFECTED, guarded, predict_split, split_parser
 from bloodcells.composer.bank import SpriteBank  # noqa: E402
 from bloodcells.composer.masks import parasite_share  # noqa: E402
 from bloodcells.formats import read_json, scene_paths, split_ids  # noqa: E402
-from bloodcells.imageio import read_rgba  # noqa: E402
+from bloodcells.composer.sheet import sprite_tile  # noqa: E402
+from bloodcells.composer.sprite import Sprite, mask_diameter  # noqa: E402
+from bloodcells.imageio import read_rgba, write_png  # noqa: E402
 from bloodcells.segmenter.instance_metrics import overlaps  # noqa: E402
 from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
 
@@ -48,6 +54,21 @@ def found_infected(gt: np.ndarray, gt_cls: np.ndarray, pred: np.ndarray, pred_cl
             continue
         out.append((int(k), bool(pred_cls[iou[k].argmax() - 1] == HEALTHY)))
     return out
+
+
+def least_sheet(bank: Path, shares: dict[str, float], n: int = 50, per_row: int = 10, tile: int = 96) -> np.ndarray:
+    """RGB contact sheet of the n infected sprites with the least parasite share, least first."""
+    root = SpriteBank(bank).root
+    paths = {r["id"]: root / r["path"] for r in SpriteBank(bank).records() if r["class"] == "infected_rbc"}
+    tiles = []
+    for sid in sorted(shares, key=lambda k: (shares[k], k))[:n]:
+        rgba = read_rgba(paths[sid])
+        t = sprite_tile(Sprite(sid, "infected_rbc", rgba, mask_diameter(rgba[..., 3])), tile, outline=False)
+        cv2.putText(t, f"{100 * shares[sid]:.2f}", (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(t)
+    tiles += [np.full((tile, tile, 3), 235, np.uint8)] * (-len(tiles) % per_row)
+    rows = [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    return np.vstack(rows) if rows else np.full((tile, tile * per_row, 3), 235, np.uint8)
 
 
 def sprite_shares(bank: Path) -> dict[str, float]:
@@ -83,8 +104,12 @@ def report() -> None:
     ap = split_parser(__doc__)
     ap.add_argument("--bank", type=Path, required=True, help="the sprite bank the scenes were composed from")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--sheet", type=Path, help="PNG: the infected sprites with the least parasite share")
     args = ap.parse_args()
     shares = sprite_shares(args.bank)
+    if args.sheet:
+        write_png(args.sheet, least_sheet(args.bank, shares))
+        print(f"wrote {args.sheet}")
     preds, truths, areas, min_area = predict_split(args.model, args.data, args.split, args.images)
     ids = split_ids(args.data, args.split)  # the order predict_split runs them in
     ids = ids[:args.images] if args.images else ids

@@ -38,3 +38,30 @@ def test_table_bins_by_parasite_share():
     assert t["0-0.001"]["cells"] == 3 and abs(t["0-0.001"]["called_healthy"] - 2 / 3) < 1e-9
     assert abs(t["0-0.001"]["of_swaps"] - 2 / 3) < 1e-9 and abs(t["0.008-0.015"]["of_swaps"] - 1 / 3) < 1e-9
     assert t["0.015-1"]["cells"] == 1 and sum(r["cells"] for r in t.values()) == len(rows)
+
+
+def test_sprite_shares_and_the_sheet_least_first(tmp_path):
+    import cv2
+
+    from bloodcells.composer.aliases import AliasTable
+    from bloodcells.composer.bank import SpriteBank
+    from bloodcells.composer.sources import list_items
+
+    root = tmp_path / "cells"
+    for name, r in (("big", 7), ("none", 0), ("small", 4)):
+        img = np.zeros((100, 100, 3), np.uint8)
+        cv2.circle(img, (50, 50), 40, (200, 150, 150), -1)
+        if r:
+            cv2.circle(img, (40, 60), r, (110, 40, 140), -1)
+        (root / "Parasitized").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "Parasitized" / f"{name}.png"), img[..., ::-1])
+    bank = tmp_path / "bank"
+    SpriteBank(bank).import_items(list_items("kaggle", root, AliasTable()), "k", workers=1, progress=False,
+                                  min_parasite=0)
+    shares = parasite_swaps.sprite_shares(bank)
+    by_file = {Path(e["file"]).stem: shares[e["sprites"][0]["id"]] for e in SpriteBank(bank).entries()}
+    assert by_file["none"] == 0.0 < by_file["small"] < by_file["big"]
+    sheet = parasite_swaps.least_sheet(bank, shares, per_row=10, tile=96)
+    assert sheet.shape == (96, 960, 3)
+    first, second = sheet[20:, :96], sheet[20:, 96:192]  # below the printed share
+    assert first.std() < second.std()  # the clean cell first, then the one with the small body
