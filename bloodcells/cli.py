@@ -43,9 +43,9 @@ def sprites_import(
     workers: int = typer.Option(2, "--workers", callback=at_least(1)),
     backgrounds: bool = typer.Option(True, "--backgrounds/--no-backgrounds",
                                      help="also keep each smear's plasma (its cell-free background) as a background field"),
-    min_parasite: float = typer.Option(0.002, "--min-parasite", min=0.0, max=1.0,
+    min_parasite: float = typer.Option(0.0, "--min-parasite", min=0.0, max=1.0,
                                        help="reject an infected red cell whose largest parasite-like body (dark, purple) "
-                                            "covers less of it than this (0: keep every infected crop)"),
+                                            "covers less of it than this, e.g. 0.002 (0: keep every infected crop)"),
 ) -> None:
     """Cut sprites out of one dataset folder into BANK (re-running adds nothing twice)."""
     from bloodcells.composer.aliases import AliasTable

@@ -16,10 +16,13 @@ from .sources import Item
 from .sprite import mask_diameter
 
 MASK_METHOD = {"black": "threshold", "stained": "threshold", "given": "given", "boxes": "box+threshold"}
-# An infected red cell whose largest parasite-like body covers less of it than this is rejected: at the scenes'
-# red-cell size (about 37 px across) 0.2% of the cell is about 2 px, too little to be seen, so the scene would teach
-# a healthy-looking cell as infected. 0 keeps every infected crop (`cli sprites import --min-parasite 0`).
-MIN_PARASITE = 0.002
+# `cli sprites import --min-parasite S` rejects an infected red cell whose largest parasite-like body covers less of
+# it than S: such a crop looks healthy, yet a scene would label it infected. 0.002 is about 2 px at the scenes'
+# red-cell size (~37 px across), too little to see. Off by default: measured in bench/RESULTS.md ("Infected sprites
+# must show a parasite"), it cut parasitised cells called healthy on composed scenes but raised false malaria on
+# parasite-free real smears.
+MIN_PARASITE = 0.0
+SUGGESTED_MIN_PARASITE = 0.002
 NO_PARASITE = "infected cell without a visible parasite"
 
 
