@@ -38,10 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_sweep import HEALTHY, INFECTED, floats, guarded, predict_split, split_parser  # noqa: E402
+from decode_sweep import HEALTHY, INFECTED, decode_today, floats, guarded, predict_split, split_parser  # noqa: E402
 
 from bloodcells.segmenter.instance_metrics import overlaps  # noqa: E402
-from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
 
 RED = (HEALTHY, INFECTED)
 VISIBLE_BINS = (0.4, 0.7)  # visible share of an expected red cell: under 0.4, 0.4-0.7, 0.7 and more
@@ -132,8 +131,7 @@ def report() -> None:
     for h in args.h_maxima or [None]:
         kinds, extra, by_bin, swapped, scene_err = Counter(), Counter(), Counter(), Counter(), []
         for (probs, aux), (gt, gt_cls) in zip(preds, truths):
-            cells = decode(probs.astype(np.float32), aux, "distance", min_area, cell_area=areas,
-                           min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h)
+            cells = decode_today(probs, aux, areas, min_area, h=h)
             t, e = sort_scene(gt, gt_cls, cells.instances, cells.classes, expected, min_area[HEALTHY])
             kinds.update(k for k, _, _, _ in t)
             by_bin.update((k, v, edge) for k, v, edge, _ in t)

@@ -112,6 +112,12 @@ def predict_split(model_path: Path, data: Path, split: str, images: int = 0):
     return preds, truths, areas, min_area
 
 
+def decode_today(probs: np.ndarray, aux: np.ndarray, areas: dict, min_area: dict, h: float | None = None):
+    """The cells of one scene's prediction decoded as `cli evaluate` decodes them today (`h`: another `SEED_H`)."""
+    return decode(probs.astype(np.float32), aux, "distance", min_area, cell_area=areas,
+                  min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED, h=h)
+
+
 def split_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments of a script that runs a model over a composed split: --model, --data, --split, --images."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -25,16 +25,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_sweep import HEALTHY, INFECTED, guarded, predict_split, split_parser  # noqa: E402
+from decode_sweep import HEALTHY, INFECTED, decode_today, guarded, predict_split, split_parser  # noqa: E402
 
 from bloodcells.composer.bank import SpriteBank  # noqa: E402
 from bloodcells.composer.masks import parasite_share  # noqa: E402
 from bloodcells.formats import read_json, scene_paths, split_ids  # noqa: E402
 from bloodcells.composer.sheet import sprite_tile  # noqa: E402
 from bloodcells.composer.sprite import Sprite, mask_diameter  # noqa: E402
+from bloodcells.errors import BloodcellsError  # noqa: E402
 from bloodcells.imageio import read_rgba, write_png  # noqa: E402
 from bloodcells.segmenter.instance_metrics import overlaps  # noqa: E402
-from bloodcells.segmenter.instances import MIN_CONFIDENCE, SURE_INFECTED, decode  # noqa: E402
 
 EDGES = (0.0, 0.001, 0.002, 0.005, 0.008, 0.015, 1.0)  # parasite share bins
 
@@ -73,12 +73,18 @@ def least_sheet(bank: Path, shares: dict[str, float], n: int = 50, per_row: int 
 
 def sprite_shares(bank: Path) -> dict[str, float]:
     """Parasite share of every infected sprite of a bank."""
+    if not (bank / "index.jsonl").is_file():
+        raise BloodcellsError(f"{bank}: no sprite bank here (no index.jsonl); pass --bank the folder the scenes "
+                              "were composed from")
     sb = SpriteBank(bank)
     out = {}
     for r in sb.records():
         if r["class"] == "infected_rbc":
             rgba = read_rgba(sb.root / r["path"])
             out[r["id"]] = parasite_share(rgba[..., :3], rgba[..., 3] > 127)
+    if not out:
+        raise BloodcellsError(f"{bank}: the bank holds no infected_rbc sprites; import infected crops first "
+                              "('cli sprites import kaggle ...')")
     return out
 
 
@@ -116,8 +122,7 @@ def report() -> None:
     rows, unknown = [], 0
     for sid, (probs, aux), (gt, gt_cls) in zip(ids, preds, truths):
         objects = read_json(scene_paths(args.data, args.split, sid).annotation)["objects"]
-        cells = decode(probs.astype(np.float32), aux, "distance", min_area, cell_area=areas,
-                       min_confidence=MIN_CONFIDENCE, infected=SURE_INFECTED)
+        cells = decode_today(probs, aux, areas, min_area)
         for k, swapped in found_infected(gt, gt_cls, cells.instances, cells.classes, min_area[HEALTHY]):
             s = shares.get(objects[k - 1]["sprite"])
             if s is None:
@@ -126,7 +131,7 @@ def report() -> None:
             rows.append((s, swapped))
     t = table(rows)
     print(f"{len(rows)} infected cells found ({unknown} whose sprite is not in {args.bank}); "
-          f"{np.mean([w for _, w in rows]):.1%} called healthy")
+          f"{np.mean([w for _, w in rows]) if rows else 0.0:.1%} called healthy")
     print("parasite share of the sprite   cells (of found)   called healthy   share of all called healthy")
     for r in t:
         print(f"  {r['bin']:>12}          {r['cells']:6d} ({r['of_found']:5.1%})      {r['called_healthy']:6.1%}"

@@ -181,8 +181,8 @@ class SpriteBank:
                      licence_from: str | None = None, fields: bool = True,
                      min_parasite: float = MIN_PARASITE) -> ImportSummary:
         """Cut every new item into sprites (and, with `fields`, its plasma field); one index line per source image;
-        record the source's licence. Infected red cells without a visible parasite (its largest body under
-        `min_parasite` of the cell; 0: keep all) are rejected."""
+        record the source's licence. With `min_parasite` > 0, an infected red cell whose largest parasite-like body
+        covers less than that share of it is rejected (0, the default: every infected crop is kept)."""
         summary = ImportSummary(source, items=len(items))
         with self._locked():
             if licence is not None:

@@ -65,3 +65,16 @@ def test_sprite_shares_and_the_sheet_least_first(tmp_path):
     assert sheet.shape == (96, 960, 3)
     first, second = sheet[20:, :96], sheet[20:, 96:192]  # below the printed share
     assert first.std() < second.std()  # the clean cell first, then the one with the small body
+
+
+def test_a_folder_without_infected_sprites_is_a_clear_error(tmp_path):
+    import pytest
+
+    from bloodcells.errors import BloodcellsError
+
+    with pytest.raises(BloodcellsError, match="no sprite bank here"):
+        parasite_swaps.sprite_shares(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "index.jsonl").write_text("")
+    with pytest.raises(BloodcellsError, match="no infected_rbc sprites"):
+        parasite_swaps.sprite_shares(tmp_path / "empty")
